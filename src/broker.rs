@@ -47,11 +47,14 @@ pub struct Broker {
 impl Broker {
     /// Connects, enables confirms and sets the prefetch.
     pub async fn connect(settings: &AmqpSettings, prefetch: u16) -> Result<Self, BrokerError> {
-        let props = ConnectionProperties::default()
-            .with_connection_name(LongString::from(format!("browserfleet-{}", std::process::id())));
+        let props = ConnectionProperties::default().with_connection_name(LongString::from(
+            format!("browserfleet-{}", std::process::id()),
+        ));
         let connection = Connection::connect(settings.url.expose(), props).await?;
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
@@ -152,7 +155,10 @@ fn queue_args(kind: QueueType, delivery_limit: Option<u32>) -> FieldTable {
         QueueType::Quorum => {
             args.insert("x-queue-type".into(), string("quorum"));
             if let Some(limit) = delivery_limit {
-                args.insert("x-delivery-limit".into(), AMQPValue::LongLongInt(limit.into()));
+                args.insert(
+                    "x-delivery-limit".into(),
+                    AMQPValue::LongLongInt(limit.into()),
+                );
             }
         }
         QueueType::Classic => {

@@ -276,7 +276,10 @@ impl Settings {
         for (key, v) in [
             ("pool.create_timeout_ms", self.pool.create_timeout_ms),
             ("pool.health_timeout_ms", self.pool.health_timeout_ms),
-            ("webdriver.command_timeout_ms", self.webdriver.command_timeout_ms),
+            (
+                "webdriver.command_timeout_ms",
+                self.webdriver.command_timeout_ms,
+            ),
             ("task.default_timeout_ms", self.task.default_timeout_ms),
             ("task.max_timeout_ms", self.task.max_timeout_ms),
             ("amqp.confirm_timeout_ms", self.amqp.confirm_timeout_ms),
@@ -298,7 +301,9 @@ impl Settings {
         if tracing_subscriber::EnvFilter::try_new(level).is_err() {
             return Err(invalid(
                 "log.level",
-                format!("`{level}` is not a tracing filter: expected e.g. info or browserfleet=debug"),
+                format!(
+                    "`{level}` is not a tracing filter: expected e.g. info or browserfleet=debug"
+                ),
             ));
         }
         Ok(())
@@ -357,7 +362,10 @@ mod tests {
             Some(&file),
             env(&[
                 ("BROWSERFLEET__POOL__MAX_SIZE", "5"),
-                ("BROWSERFLEET__WEBDRIVER__ARGS", "--headless=new,--no-sandbox"),
+                (
+                    "BROWSERFLEET__WEBDRIVER__ARGS",
+                    "--headless=new,--no-sandbox",
+                ),
                 ("UNRELATED", "x"),
             ]),
         )
@@ -377,7 +385,10 @@ mod tests {
         let e = Settings::load_from(None, env(&[("BROWSERFLEET__POOL__MAX_SIZE", "0")]))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("pool.max_size") && e.contains("expected 1 to 256"), "{e}");
+        assert!(
+            e.contains("pool.max_size") && e.contains("expected 1 to 256"),
+            "{e}"
+        );
         let e = Settings::load_from(None, env(&[("BROWSERFLEET__AMQP__URL", "http://x")]))
             .unwrap_err()
             .to_string();

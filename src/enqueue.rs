@@ -54,7 +54,10 @@ pub struct Summary {
 /// Splits input into task objects: one JSON object, a JSON array, or JSON lines.
 /// Each task is validated as a worker would, so a bad one is refused here with
 /// its position, and nothing is sent.
-pub fn parse_tasks(input: &str, limits: task::Limits) -> Result<Vec<(String, Vec<u8>)>, EnqueueError> {
+pub fn parse_tasks(
+    input: &str,
+    limits: task::Limits,
+) -> Result<Vec<(String, Vec<u8>)>, EnqueueError> {
     let trimmed = input.trim_start();
     let values: Vec<(String, Value)> = if trimmed.starts_with('[') {
         let arr: Vec<Value> = serde_json::from_str(trimmed)
@@ -152,7 +155,9 @@ pub async fn enqueue(
                 .with_reply_to(q.as_str().into())
                 .with_correlation_id(id.as_str().into());
         }
-        broker.publish(&settings.amqp.task_queue, body, props).await?;
+        broker
+            .publish(&settings.amqp.task_queue, body, props)
+            .await?;
         *pending.entry(id.clone()).or_default() += 1;
         summary.published += 1;
     }

@@ -43,7 +43,10 @@ pub async fn serve(listener: tokio::net::TcpListener, state: State, stop: Cancel
 async fn metrics(Extract(s): Extract<State>) -> impl IntoResponse {
     s.metrics.observe_pool(s.pool.status());
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         s.metrics.render(),
     )
 }
@@ -52,7 +55,10 @@ async fn readyz(Extract(s): Extract<State>) -> impl IntoResponse {
     if s.ready.load(Ordering::SeqCst) {
         (StatusCode::OK, "ready\n")
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not connected to the broker\n")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not connected to the broker\n",
+        )
     }
 }
 

@@ -12,7 +12,10 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(version, about = "A RabbitMQ-fed fleet of ChromeDriver workers that never loses a browser task")]
+#[command(
+    version,
+    about = "A RabbitMQ-fed fleet of ChromeDriver workers that never loses a browser task"
+)]
 struct Cli {
     /// A TOML file overriding the built-in defaults (config/default.toml);
     /// BROWSERFLEET__SECTION__KEY environment variables override both.
@@ -77,21 +80,41 @@ async fn dispatch(command: Command, settings: Settings) -> anyhow::Result<ExitCo
             worker::run(settings, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Enqueue { file, wait, timeout } => {
+        Command::Enqueue {
+            file,
+            wait,
+            timeout,
+        } => {
             let mut input = String::new();
             if file == "-" {
-                std::io::stdin().read_to_string(&mut input).context("reading stdin")?;
+                std::io::stdin()
+                    .read_to_string(&mut input)
+                    .context("reading stdin")?;
             } else {
-                input = std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
+                input =
+                    std::fs::read_to_string(&file).with_context(|| format!("reading {file}"))?;
             }
-            let limits = task::Limits { max_timeout_ms: settings.task.max_timeout_ms };
+            let limits = task::Limits {
+                max_timeout_ms: settings.task.max_timeout_ms,
+            };
             let tasks = enqueue::parse_tasks(&input, limits)?;
             let wait = wait.then(|| Duration::from_secs(timeout));
             match enqueue::enqueue(&settings, tasks, wait, std::io::stdout().lock()).await {
                 Ok(s) => {
-                    eprintln!("published {} task(s){}", s.published,
-                        if wait.is_some() { format!("; {} ok, {} failed", s.ok, s.failed) } else { String::new() });
-                    Ok(if s.failed > 0 { ExitCode::from(1) } else { ExitCode::SUCCESS })
+                    eprintln!(
+                        "published {} task(s){}",
+                        s.published,
+                        if wait.is_some() {
+                            format!("; {} ok, {} failed", s.ok, s.failed)
+                        } else {
+                            String::new()
+                        }
+                    );
+                    Ok(if s.failed > 0 {
+                        ExitCode::from(1)
+                    } else {
+                        ExitCode::SUCCESS
+                    })
                 }
                 Err(e @ enqueue::EnqueueError::Timeout { .. }) => {
                     eprintln!("browserfleet: {e}");
@@ -118,7 +141,9 @@ async fn signal_on(token: CancellationToken) {
 fn init_logging(settings: &Settings) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&settings.log.level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match settings.log.format {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Text => builder.init(),

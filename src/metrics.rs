@@ -66,10 +66,16 @@ impl Metrics {
             c
         }
         let gauge = |name: &str, help: &str| {
-            reg(r, IntGauge::new(format!("browserfleet_{name}"), help).unwrap())
+            reg(
+                r,
+                IntGauge::new(format!("browserfleet_{name}"), help).unwrap(),
+            )
         };
         let counter = |name: &str, help: &str| {
-            reg(r, IntCounter::new(format!("browserfleet_{name}"), help).unwrap())
+            reg(
+                r,
+                IntCounter::new(format!("browserfleet_{name}"), help).unwrap(),
+            )
         };
         let counter_vec = |name: &str, help: &str, label: &str, values: &[&str]| {
             let c = reg(

@@ -63,7 +63,9 @@ async fn run_one(
             selector,
             timeout_ms,
         } => {
-            let limit = timeout_ms.map(Duration::from_millis).unwrap_or(t.default_wait);
+            let limit = timeout_ms
+                .map(Duration::from_millis)
+                .unwrap_or(t.default_wait);
             wait_for(client, selector, limit, t).await?;
         }
         Step::Click { selector } => {
@@ -83,7 +85,8 @@ async fn run_one(
         Step::TextAll { selector, key } => {
             // One round-trip for any number of matches; innerText is what
             // WebDriver's "get element text" returns for visible elements.
-            let script = "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText);";
+            let script =
+                "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText);";
             let v = cmd(t, "text_all", client.execute(script, vec![json!(selector)])).await?;
             outputs.insert(key.clone(), v);
         }
@@ -135,7 +138,12 @@ async fn wait_for(
             Ok(Ok(_)) => return Ok(()),
             Ok(Err(CmdError::Standard(wd))) if wd.error == ErrorStatus::NoSuchElement => {}
             Ok(Err(e)) => return Err(classify(&e)),
-            Err(_) => return Err(Failure::command_timeout("find", t.command.as_millis() as u64)),
+            Err(_) => {
+                return Err(Failure::command_timeout(
+                    "find",
+                    t.command.as_millis() as u64,
+                ))
+            }
         }
         if Instant::now() >= deadline {
             return Err(Failure::Page {

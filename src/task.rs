@@ -29,16 +29,23 @@ pub struct Task {
 #[allow(missing_docs)]
 pub enum Step {
     /// Navigate and wait for the page's load event.
-    Goto { url: String },
+    Goto {
+        url: String,
+    },
     /// Wait until `selector` matches an element.
     WaitFor {
         selector: String,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         timeout_ms: Option<u64>,
     },
-    Click { selector: String },
+    Click {
+        selector: String,
+    },
     /// Clear the field, then type `value` into it.
-    Fill { selector: String, value: Secret },
+    Fill {
+        selector: String,
+        value: Secret,
+    },
     /// The rendered text of the first match.
     Text {
         selector: String,
@@ -76,7 +83,9 @@ pub enum Step {
         #[serde(rename = "as")]
         key: String,
     },
-    Sleep { ms: u64 },
+    Sleep {
+        ms: u64,
+    },
 }
 
 impl Step {
@@ -151,7 +160,11 @@ pub fn decode(body: &[u8], limits: Limits) -> Result<Task, InvalidTask> {
     }
     let task: Task = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
-        let at = if path == "." { "task".to_string() } else { format!("`{path}`") };
+        let at = if path == "." {
+            "task".to_string()
+        } else {
+            format!("`{path}`")
+        };
         InvalidTask {
             id: id.clone(),
             reason: format!("{at}: {}", e.inner()),
@@ -271,7 +284,19 @@ mod tests {
         let actions: Vec<_> = t.steps.iter().map(Step::action).collect();
         assert_eq!(
             actions,
-            ["goto", "wait_for", "click", "fill", "text", "text_all", "attr", "html", "eval", "screenshot", "sleep"]
+            [
+                "goto",
+                "wait_for",
+                "click",
+                "fill",
+                "text",
+                "text_all",
+                "attr",
+                "html",
+                "eval",
+                "screenshot",
+                "sleep"
+            ]
         );
     }
 
@@ -288,13 +313,28 @@ mod tests {
         let e = decode(br#"{"id":7,"steps":[]}"#, LIMITS).unwrap_err();
         assert_eq!(e.id, None, "a numeric id is not usable");
 
-        let e = decode(br#"{"id":"a","steps":[{"action":"goto","url":"u"},{"action":"hover"}]}"#, LIMITS)
-            .unwrap_err();
+        let e = decode(
+            br#"{"id":"a","steps":[{"action":"goto","url":"u"},{"action":"hover"}]}"#,
+            LIMITS,
+        )
+        .unwrap_err();
         assert_eq!(e.id.as_deref(), Some("a"));
-        assert!(e.reason.contains("steps[1]") && e.reason.contains("unknown variant `hover`"), "{}", e.reason);
+        assert!(
+            e.reason.contains("steps[1]") && e.reason.contains("unknown variant `hover`"),
+            "{}",
+            e.reason
+        );
 
-        let e = decode(br#"{"id":"a","steps":[{"action":"sleep","ms":"5"}]}"#, LIMITS).unwrap_err();
-        assert!(e.reason.contains("steps[0]") && e.reason.contains("invalid type"), "{}", e.reason);
+        let e = decode(
+            br#"{"id":"a","steps":[{"action":"sleep","ms":"5"}]}"#,
+            LIMITS,
+        )
+        .unwrap_err();
+        assert!(
+            e.reason.contains("steps[0]") && e.reason.contains("invalid type"),
+            "{}",
+            e.reason
+        );
 
         let e = decode(br#"{"id":"a","steps":[],"timeout_ms":999999999}"#, LIMITS).unwrap_err();
         assert!(e.reason.contains("timeout_ms"), "{}", e.reason);

@@ -117,7 +117,10 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         info!(tasks = in_flight.len(), ?drain, "draining in-flight tasks");
     }
     if tokio::time::timeout(drain, in_flight.wait()).await.is_err() {
-        warn!(tasks = in_flight.len(), "drain deadline passed; requeueing what is left");
+        warn!(
+            tasks = in_flight.len(),
+            "drain deadline passed; requeueing what is left"
+        );
         drain_expired.cancel();
         in_flight.wait().await;
     }
@@ -224,17 +227,27 @@ async fn handle(ctx: Arc<Ctx>, broker: Arc<Broker>, delivery: Delivery, drain: C
     // A redelivery means a run ended with no answer (worker, browser or
     // connection died): it counts as an attempt, so poison never loops.
     let redeliveries = if delivery.redelivered {
-        broker::header_int(headers, "x-delivery-count").unwrap_or(1).max(1)
+        broker::header_int(headers, "x-delivery-count")
+            .unwrap_or(1)
+            .max(1)
     } else {
         0
     };
-    let attempt = (broker::header_int(headers, broker::ATTEMPT_HEADER).unwrap_or(1).max(1)
+    let attempt = (broker::header_int(headers, broker::ATTEMPT_HEADER)
+        .unwrap_or(1)
+        .max(1)
         + redeliveries)
         .min(u32::MAX as i64) as u32;
     match task::decode(&delivery.data, ctx.limits) {
         Err(invalid) => {
-            let span = tracing::info_span!("task", task_id = invalid.id.as_deref().unwrap_or("?"), attempt);
-            ctx.reject_invalid(&broker, &delivery, invalid).instrument(span).await
+            let span = tracing::info_span!(
+                "task",
+                task_id = invalid.id.as_deref().unwrap_or("?"),
+                attempt
+            );
+            ctx.reject_invalid(&broker, &delivery, invalid)
+                .instrument(span)
+                .await
         }
         Ok(task) => {
             let span = tracing::info_span!("task", task_id = %task.id, attempt);
@@ -261,11 +274,15 @@ impl Ctx {
             ack(delivery).await;
             return;
         }
-        let max_attempts = task.max_attempts.unwrap_or(self.settings.task.default_max_attempts);
-        let mut history: Vec<AttemptRecord> =
-            broker::header_str(delivery.properties.headers().as_ref(), broker::HISTORY_HEADER)
-                .and_then(|h| serde_json::from_str(&h).ok())
-                .unwrap_or_default();
+        let max_attempts = task
+            .max_attempts
+            .unwrap_or(self.settings.task.default_max_attempts);
+        let mut history: Vec<AttemptRecord> = broker::header_str(
+            delivery.properties.headers().as_ref(),
+            broker::HISTORY_HEADER,
+        )
+        .and_then(|h| serde_json::from_str(&h).ok())
+        .unwrap_or_default();
         if attempt > max_attempts {
             history.push(AttemptRecord {
                 attempt: attempt - 1,
@@ -274,8 +291,15 @@ impl Ctx {
                 step: None,
                 worker: "unknown".into(),
             });
-            self.give_up(broker, delivery, &task, attempt - 1, history, Duration::ZERO)
-                .await;
+            self.give_up(
+                broker,
+                delivery,
+                &task,
+                attempt - 1,
+                history,
+                Duration::ZERO,
+            )
+            .await;
             return;
         }
 
@@ -297,10 +321,18 @@ impl Ctx {
         session.set_busy(true);
         let session_id = session.id.clone();
         let started = Instant::now();
-        let deadline = ms(task.timeout_ms.unwrap_or(self.settings.task.default_timeout_ms));
+        let deadline = ms(task
+            .timeout_ms
+            .unwrap_or(self.settings.task.default_timeout_ms));
         let mut outputs = Map::new();
         let progress = AtomicUsize::new(0);
-        let run = steps::run(&session.client, &task.steps, self.timeouts, &mut outputs, &progress);
+        let run = steps::run(
+            &session.client,
+            &task.steps,
+            self.timeouts,
+            &mut outputs,
+            &progress,
+        );
         let outcome = tokio::select! {
             r = tokio::time::timeout(deadline, run) => r,
             _ = drain.cancelled() => {
@@ -331,8 +363,20 @@ impl Ctx {
                 failure: Failure::Dead { reason, message },
             })) => {
                 let s = Object::take(session);
-                self.session_died(broker, delivery, &task, s, attempt, max_attempts, history, reason, message, Some(step), elapsed)
-                    .await;
+                self.session_died(
+                    broker,
+                    delivery,
+                    &task,
+                    s,
+                    attempt,
+                    max_attempts,
+                    history,
+                    reason,
+                    message,
+                    Some(step),
+                    elapsed,
+                )
+                .await;
                 return;
             }
             Err(_) => {
@@ -341,8 +385,20 @@ impl Ctx {
                 s.kill_browser();
                 let step = progress.load(Ordering::Relaxed);
                 let message = format!("task exceeded its deadline of {} ms", deadline.as_millis());
-                self.session_died(broker, delivery, &task, s, attempt, max_attempts, history, "deadline", message, Some(step), elapsed)
-                    .await;
+                self.session_died(
+                    broker,
+                    delivery,
+                    &task,
+                    s,
+                    attempt,
+                    max_attempts,
+                    history,
+                    "deadline",
+                    message,
+                    Some(step),
+                    elapsed,
+                )
+                .await;
                 return;
             }
         };
@@ -399,18 +455,25 @@ impl Ctx {
             worker: self.name.clone(),
         });
         if attempt >= max_attempts {
-            self.give_up(broker, delivery, task, attempt, history, elapsed).await;
+            self.give_up(broker, delivery, task, attempt, history, elapsed)
+                .await;
             return;
         }
         let mut props = delivery.properties.clone();
         let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert(broker::ATTEMPT_HEADER.into(), AMQPValue::LongLongInt((attempt + 1).into()));
+        headers.insert(
+            broker::ATTEMPT_HEADER.into(),
+            AMQPValue::LongLongInt((attempt + 1).into()),
+        );
         headers.insert(
             broker::HISTORY_HEADER.into(),
             broker::string(&serde_json::to_string(&history).unwrap_or_default()),
         );
         props = props.with_headers(headers);
-        match broker.publish(&self.settings.amqp.task_queue, &delivery.data, props).await {
+        match broker
+            .publish(&self.settings.amqp.task_queue, &delivery.data, props)
+            .await
+        {
             Ok(()) => {
                 ack(delivery).await;
                 self.count("republished", elapsed);
@@ -432,7 +495,10 @@ impl Ctx {
         elapsed: Duration,
     ) {
         let detail = format!("its browser session died on each of {attempts} attempts");
-        if let Err(e) = self.dead_letter(broker, delivery, "max_attempts", &detail).await {
+        if let Err(e) = self
+            .dead_letter(broker, delivery, "max_attempts", &detail)
+            .await
+        {
             error!(error = %e, "dead-lettering failed; the broker will redeliver the task");
             return;
         }
@@ -461,7 +527,10 @@ impl Ctx {
     /// it has a usable id, ack it, carry on.
     async fn reject_invalid(&self, broker: &Broker, delivery: &Delivery, invalid: InvalidTask) {
         warn!(reason = %invalid.reason, "invalid task message; dead-lettering it");
-        if let Err(e) = self.dead_letter(broker, delivery, "invalid_task", &invalid.reason).await {
+        if let Err(e) = self
+            .dead_letter(broker, delivery, "invalid_task", &invalid.reason)
+            .await
+        {
             error!(error = %e, "dead-lettering failed; the broker will redeliver the message");
             return;
         }
@@ -498,15 +567,19 @@ impl Ctx {
         let mut headers = delivery.properties.headers().clone().unwrap_or_default();
         headers.insert(broker::REASON_HEADER.into(), broker::string(reason));
         headers.insert(broker::DETAIL_HEADER.into(), broker::string(detail));
-        headers.insert(
-            "x-browserfleet-worker".into(),
-            broker::string(&self.name),
-        );
-        let props = delivery.properties.clone().with_headers(headers).with_delivery_mode(2);
+        headers.insert("x-browserfleet-worker".into(), broker::string(&self.name));
+        let props = delivery
+            .properties
+            .clone()
+            .with_headers(headers)
+            .with_delivery_mode(2);
         broker
             .publish(&self.settings.amqp.dead_letter_queue, &delivery.data, props)
             .await?;
-        self.metrics.dead_lettered.with_label_values(&[reason]).inc();
+        self.metrics
+            .dead_lettered
+            .with_label_values(&[reason])
+            .inc();
         Ok(())
     }
 

@@ -58,12 +58,16 @@ pub struct Driver {
 
 impl Driver {
     /// Uses `webdriver.url` when set, else spawns and supervises chromedriver.
-    pub async fn start(settings: &WebDriverSettings, metrics: Metrics) -> Result<Self, DriverError> {
+    pub async fn start(
+        settings: &WebDriverSettings,
+        metrics: Metrics,
+    ) -> Result<Self, DriverError> {
         if !settings.url.is_empty() {
             info!(url = %settings.url, "using external WebDriver");
             return Ok(Driver {
                 url: settings.url.clone(),
-                launcher: (!settings.chromium.is_empty()).then(|| PathBuf::from(&settings.chromium)),
+                launcher: (!settings.chromium.is_empty())
+                    .then(|| PathBuf::from(&settings.chromium)),
                 stop: CancellationToken::new(),
                 supervisor: None,
                 _scratch: None,
@@ -212,7 +216,10 @@ async fn spawn_chromedriver(binary: &Path, port: u16) -> Result<Child, DriverErr
     })?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
             return Ok(child);
         }
         if let Ok(Some(status)) = child.try_wait() {
@@ -287,7 +294,9 @@ fn major(version: &str) -> Option<u32> {
 
 /// A port the OS just had free on loopback.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 /// Resolves a binary name against PATH (a path with `/` is taken as is).

@@ -60,9 +60,7 @@ pub fn classify(e: &CmdError) -> Failure {
                 ErrorStatus::SessionNotCreated | ErrorStatus::NoSuchWindow => {
                     dead("browser_crashed", msg)
                 }
-                _ if BROWSER_GONE.iter().any(|p| lower.contains(p)) => {
-                    dead("browser_crashed", msg)
-                }
+                _ if BROWSER_GONE.iter().any(|p| lower.contains(p)) => dead("browser_crashed", msg),
                 ErrorStatus::NoSuchElement => page("no_such_element", msg),
                 ErrorStatus::StaleElementReference => page("stale_element", msg),
                 ErrorStatus::InvalidSelector => page("invalid_selector", msg),
@@ -123,11 +121,20 @@ mod tests {
         // Messages as chromedriver writes them.
         assert!(matches!(
             classify(&wd(ErrorStatus::InvalidSessionId, "invalid session id")),
-            Failure::Dead { reason: "invalid_session", .. }
+            Failure::Dead {
+                reason: "invalid_session",
+                ..
+            }
         ));
         assert!(matches!(
-            classify(&wd(ErrorStatus::UnknownError, "unknown error: session deleted because of page crash")),
-            Failure::Dead { reason: "browser_crashed", .. }
+            classify(&wd(
+                ErrorStatus::UnknownError,
+                "unknown error: session deleted because of page crash"
+            )),
+            Failure::Dead {
+                reason: "browser_crashed",
+                ..
+            }
         ));
         assert!(matches!(
             classify(&wd(ErrorStatus::UnknownError, "chrome not reachable")),
@@ -135,19 +142,34 @@ mod tests {
         ));
         assert!(matches!(
             classify(&CmdError::NotJson("<html>".into())),
-            Failure::Dead { reason: "protocol", .. }
+            Failure::Dead {
+                reason: "protocol",
+                ..
+            }
         ));
         assert!(matches!(
             classify(&wd(ErrorStatus::NoSuchElement, "no such element")),
-            Failure::Page { kind: "no_such_element", .. }
+            Failure::Page {
+                kind: "no_such_element",
+                ..
+            }
         ));
         assert!(matches!(
             classify(&wd(ErrorStatus::JavascriptError, "javascript error: boom")),
-            Failure::Page { kind: "script_error", .. }
+            Failure::Page {
+                kind: "script_error",
+                ..
+            }
         ));
         assert!(matches!(
-            classify(&wd(ErrorStatus::UnknownError, "unknown error: net::ERR_CONNECTION_REFUSED")),
-            Failure::Page { kind: "navigation_error", .. }
+            classify(&wd(
+                ErrorStatus::UnknownError,
+                "unknown error: net::ERR_CONNECTION_REFUSED"
+            )),
+            Failure::Page {
+                kind: "navigation_error",
+                ..
+            }
         ));
     }
 }

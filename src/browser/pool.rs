@@ -67,8 +67,10 @@ impl std::fmt::Debug for Session {
 impl Session {
     /// Marks this session busy or idle in the `/sessions` listing.
     pub fn set_busy(&self, busy: bool) {
+        let uses = self.uses;
         self.registry.update(&self.id, |i| {
             i.state = if busy { "busy" } else { "idle" };
+            i.uses = uses;
         });
     }
 
@@ -197,7 +199,7 @@ impl SessionManager {
             metrics,
             sessions: Sessions::default(),
             cleanups: TaskTracker::new(),
-        unrecovered: AtomicU64::new(0),
+            unrecovered: AtomicU64::new(0),
         }
     }
 
@@ -208,7 +210,10 @@ impl SessionManager {
 
     /// Records a session found dead, so its replacement counts as a recovery.
     pub fn note_death(&self, reason: &str) {
-        self.metrics.session_deaths.with_label_values(&[reason]).inc();
+        self.metrics
+            .session_deaths
+            .with_label_values(&[reason])
+            .inc();
         self.unrecovered.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -226,7 +231,10 @@ impl SessionManager {
         let mut caps = self.capabilities.clone();
         if let Some(Value::Object(chrome)) = caps.get_mut("goog:chromeOptions") {
             if let Some(Value::Array(args)) = chrome.get_mut("args") {
-                args.push(json!(format!("--user-data-dir={}", profile.path().display())));
+                args.push(json!(format!(
+                    "--user-data-dir={}",
+                    profile.path().display()
+                )));
             }
         }
         let builder = ClientBuilder::rustls()
@@ -267,7 +275,7 @@ impl managed::Manager for SessionManager {
             Ok(r) => r?,
             Err(_) => {
                 return Err(SessionError::CreateTimeout(
-                    self.create_timeout.as_millis() as u64,
+                    self.create_timeout.as_millis() as u64
                 ))
             }
         };
@@ -303,7 +311,10 @@ impl managed::Manager for SessionManager {
 
     async fn recycle(&self, s: &mut Session, _: &managed::Metrics) -> RecycleResult<SessionError> {
         let retire = |reason: &'static str, why: String| {
-            self.metrics.session_recycles.with_label_values(&[reason]).inc();
+            self.metrics
+                .session_recycles
+                .with_label_values(&[reason])
+                .inc();
             info!(session_id = %s.id, uses = s.uses, reason, "retiring session: {why}");
             Err(RecycleError::Message(why.into()))
         };
@@ -330,7 +341,10 @@ impl managed::Manager for SessionManager {
         };
         warn!(session_id = %s.id, reason = "health_check", error = %problem, "Session appears dead");
         self.note_death("health_check");
-        self.metrics.session_recycles.with_label_values(&["health"]).inc();
+        self.metrics
+            .session_recycles
+            .with_label_values(&["health"])
+            .inc();
         Err(RecycleError::Backend(SessionError::Unhealthy(problem)))
     }
 }
