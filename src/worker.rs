@@ -72,6 +72,8 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             addr: settings.metrics.listen,
             source,
         })?;
+    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        "metrics, health and sessions endpoints listening");
     let driver = Driver::start(&settings.webdriver, metrics.clone()).await?;
     let pool = browser::build_pool(&settings, &driver, metrics.clone());
     metrics.observe_pool(pool.status());
