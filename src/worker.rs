@@ -305,20 +305,10 @@ impl Ctx {
             return;
         }
 
-        let session = tokio::select! {
-            s = self.pool.get() => s,
-            _ = drain.cancelled() => { requeue(delivery).await; return; }
-        };
-        let mut session = match session {
-            Ok(s) => s,
-            Err(e) => {
-                // No browser can be opened right now (driver restarting?):
-                // hand the task back after a pause rather than spin on it.
-                error!(error = %e, "no browser session available; requeueing task");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                requeue(delivery).await;
-                return;
-            }
+        let Some(mut session) = self.checkout(drain).await else {
+            // No run happened: hand the task back without counting an attempt.
+            self.hand_back(broker, delivery, attempt).await;
+            return;
         };
         session.set_busy(true);
         let session_id = session.id.clone();
@@ -341,7 +331,7 @@ impl Ctx {
                 warn!(session_id = %session_id, "drain deadline passed mid-task; requeueing it");
                 let s = Object::take(session);
                 s.kill_browser();
-                requeue(delivery).await;
+                self.hand_back(broker, delivery, attempt).await;
                 return;
             }
         };
@@ -424,6 +414,52 @@ impl Ctx {
                 info!(kind = %e.kind, step = ?e.step, duration_ms = result.duration_ms, "task failed on the page");
             } else {
                 info!(duration_ms = result.duration_ms, "task ok");
+            }
+        }
+    }
+
+    /// Borrows a session, retrying while none can be opened (chromedriver
+    /// restarting, Chromium slow to start) for up to a minute. `None` when the
+    /// drain deadline passed or no session could be had.
+    async fn checkout(&self, drain: &CancellationToken) -> Option<browser::PooledSession> {
+        let mut pause = Duration::from_millis(250);
+        let give_up = Instant::now() + Duration::from_secs(60);
+        loop {
+            let got = tokio::select! {
+                s = self.pool.get() => s,
+                _ = drain.cancelled() => return None,
+            };
+            match got {
+                Ok(s) => return Some(s),
+                Err(e) if Instant::now() < give_up => {
+                    warn!(error = %e, retry_in = ?pause, "no browser session available yet");
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = drain.cancelled() => return None,
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+                Err(e) => {
+                    error!(error = %e, "no browser session for a minute; handing the task back");
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Gives a task back to the queue without counting an attempt (it did not
+    /// run, or we interrupted it ourselves): republish as is, then ack. A
+    /// nack-requeue would be simpler but raises the quorum delivery count.
+    async fn hand_back(&self, broker: &Broker, delivery: &Delivery, attempt: u32) {
+        let props = with_attempt(&delivery.properties, attempt);
+        match broker
+            .publish(&self.settings.amqp.task_queue, &delivery.data, props)
+            .await
+        {
+            Ok(()) => ack(delivery).await,
+            Err(e) => {
+                warn!(error = %e, "handing the task back failed; requeueing it");
+                requeue(delivery).await;
             }
         }
     }
@@ -629,6 +665,16 @@ impl Ctx {
             .with_label_values(&[outcome])
             .observe(elapsed.as_secs_f64());
     }
+}
+
+/// The task message's properties with the attempt header set to `attempt`.
+fn with_attempt(props: &BasicProperties, attempt: u32) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(
+        broker::ATTEMPT_HEADER.into(),
+        AMQPValue::LongLongInt(attempt.into()),
+    );
+    props.clone().with_headers(headers)
 }
 
 async fn ack(delivery: &Delivery) {

@@ -188,8 +188,9 @@ impl Worker {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
     }
 
-    /// Waits for the process to exit; returns its exit code.
-    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+    /// Waits for the process to exit; returns its exit code. Async, so the
+    /// test's own servers keep answering meanwhile.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
         let deadline = Instant::now() + limit;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
@@ -198,7 +199,7 @@ impl Worker {
             if Instant::now() > deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 }
@@ -532,5 +533,59 @@ impl Pages {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+}
+
+/// A page server like [`Pages`] whose `/slow?ms=N` page counts every request
+/// it receives. The count only grows (the in-flight count behind
+/// `Pages::max_concurrent` can stay up when a browser is killed mid-request),
+/// so a test can wait until a browser is inside a page load, then kill it.
+pub struct CountingPages {
+    pub addr: SocketAddr,
+    /// `/slow` requests received so far.
+    pub slow_requests: Arc<AtomicUsize>,
+}
+
+impl CountingPages {
+    pub async fn start() -> CountingPages {
+        let slow_requests = Arc::new(AtomicUsize::new(0));
+        let count = slow_requests.clone();
+        let app = Router::new()
+            .route("/", get(|| async { Html(INDEX) }))
+            .route(
+                "/slow",
+                get(move |Query(q): Query<HashMap<String, String>>| async move {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let ms: u64 = q.get("ms").and_then(|v| v.parse().ok()).unwrap_or(400);
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    Html(format!(
+                        "<html><body><h1 id=\"title\">slow {}</h1></body></html>",
+                        q.get("n").cloned().unwrap_or_default()
+                    ))
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        CountingPages {
+            addr,
+            slow_requests,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Waits (up to `limit`) until `/slow` has received `n` requests in all.
+    pub async fn wait_slow_requests(&self, n: usize, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.slow_requests.load(Ordering::SeqCst) < n {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
     }
 }
