@@ -56,11 +56,13 @@ pub fn classify(e: &CmdError) -> Failure {
             let msg = wd.message.to_string();
             let lower = msg.to_ascii_lowercase();
             match wd.error {
+                // "invalid session id: session deleted as the browser has
+                // closed the connection" is a crash, not an expiry.
+                _ if BROWSER_GONE.iter().any(|p| lower.contains(p)) => dead("browser_crashed", msg),
                 ErrorStatus::InvalidSessionId => dead("invalid_session", msg),
                 ErrorStatus::SessionNotCreated | ErrorStatus::NoSuchWindow => {
                     dead("browser_crashed", msg)
                 }
-                _ if BROWSER_GONE.iter().any(|p| lower.contains(p)) => dead("browser_crashed", msg),
                 ErrorStatus::NoSuchElement => page("no_such_element", msg),
                 ErrorStatus::StaleElementReference => page("stale_element", msg),
                 ErrorStatus::InvalidSelector => page("invalid_selector", msg),
@@ -123,6 +125,16 @@ mod tests {
             classify(&wd(ErrorStatus::InvalidSessionId, "invalid session id")),
             Failure::Dead {
                 reason: "invalid_session",
+                ..
+            }
+        ));
+        assert!(matches!(
+            classify(&wd(
+                ErrorStatus::InvalidSessionId,
+                "invalid session id: session deleted as the browser has closed the connection"
+            )),
+            Failure::Dead {
+                reason: "browser_crashed",
                 ..
             }
         ));
