@@ -12,16 +12,18 @@ COPY Cargo.toml Cargo.lock ./
 RUN mkdir src \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
- && cargo build --release --locked \
- && rm -rf src \
+ && mkdir -p config && touch config/default.toml \
+ && cargo build --release --locked --bin browserfleet \
+ && rm -rf src config \
            target/release/browserfleet \
            target/release/deps/browserfleet-* \
            target/release/deps/libbrowserfleet-* \
            target/release/.fingerprint/browserfleet-*
 
-# Real sources.
+# Real sources (config/default.toml is compiled into the binary).
 COPY src ./src
-RUN cargo build --release --locked
+COPY config ./config
+RUN cargo build --release --locked --bin browserfleet
 
 # ---------------------------------------------------------------------------
 # Runtime stage
