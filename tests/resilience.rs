@@ -666,7 +666,14 @@ async fn sigterm_lets_in_flight_tasks_finish_within_the_drain_deadline() {
     let addr = site.start().await;
     let q = Queues::new("drain");
     let amqp = Amqp::connect().await;
-    let mut w = Worker::start(&q, &[("BROWSERFLEET__POOL__MAX_SIZE", "2")]).await;
+    // A private TMPDIR shows that every profile directory goes away.
+    let tmp = tempfile::tempdir().unwrap();
+    let tmp_path = tmp.path().to_str().unwrap().to_string();
+    let mut w = Worker::start(
+        &q,
+        &[("BROWSERFLEET__POOL__MAX_SIZE", "2"), ("TMPDIR", &tmp_path)],
+    )
+    .await;
     for i in 0..2 {
         amqp.publish_task(
             &q.tasks,
@@ -695,5 +702,42 @@ async fn sigterm_lets_in_flight_tasks_finish_within_the_drain_deadline() {
         .values()
         .all(|r| r.status == Status::Ok && r.attempts == 1));
     assert_eq!(amqp.depth(&q.tasks).await, 0, "finished, not handed back");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(
+        left.is_empty(),
+        "profile or scratch directories left behind: {left:?}"
+    );
     q.delete(&amqp).await;
+}
+
+#[tokio::test]
+async fn a_chromium_chromedriver_version_mismatch_refuses_to_start() {
+    // A stand-in Chromium that reports another major version: the real
+    // packages always match, so the mismatch cannot be produced otherwise.
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("chromium");
+    std::fs::write(
+        &fake,
+        "#!/bin/sh\necho 'Chromium 12.0.1.2 built on Debian'\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let q = Queues::new("versions");
+    let mut w = Worker::spawn(
+        &q,
+        &[("BROWSERFLEET__WEBDRIVER__CHROMIUM", fake.to_str().unwrap())],
+    );
+    let code = w.wait_exit(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(1), "log:\n{}", w.log_text());
+    let log = w.log_text();
+    assert!(
+        log.contains("Chromium 12.0.1.2") && log.contains("ChromeDriver"),
+        "{log}"
+    );
+    assert!(log.contains("apt-get install"), "says what to do: {log}");
 }
