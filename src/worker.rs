@@ -336,12 +336,13 @@ impl Ctx {
             }
         };
         let elapsed = started.elapsed();
-        let (status, error) = match outcome {
-            Ok(Ok(())) => (Status::Ok, None),
+        // Either the run produced an answer, or its session died under it.
+        let run = match outcome {
+            Ok(Ok(())) => Ok((Status::Ok, None)),
             Ok(Err(StepFailure {
                 step,
                 failure: Failure::Page { kind, message },
-            })) => (
+            })) => Ok((
                 Status::Failed,
                 Some(TaskError {
                     kind: kind.into(),
@@ -349,45 +350,37 @@ impl Ctx {
                     step: Some(step),
                     history: vec![],
                 }),
-            ),
+            )),
             Ok(Err(StepFailure {
                 step,
                 failure: Failure::Dead { reason, message },
-            })) => {
-                let s = Object::take(session);
-                self.session_died(
-                    broker,
-                    delivery,
-                    &task,
-                    s,
-                    attempt,
-                    max_attempts,
-                    history,
-                    reason,
-                    message,
-                    Some(step),
-                    elapsed,
-                )
-                .await;
-                return;
-            }
+            })) => Err((reason, message, step)),
             Err(_) => {
-                let s = Object::take(session);
                 // A hung browser may not answer a polite close: kill it.
-                s.kill_browser();
-                let step = progress.load(Ordering::Relaxed);
+                session.kill_browser();
                 let message = format!("task exceeded its deadline of {} ms", deadline.as_millis());
+                Err(("deadline", message, progress.load(Ordering::Relaxed)))
+            }
+        };
+        let (status, error) = match run {
+            Ok(answer) => answer,
+            Err((reason, message, step)) => {
+                let death = AttemptRecord {
+                    attempt,
+                    reason: reason.into(),
+                    message,
+                    step: Some(step),
+                    worker: self.name.clone(),
+                };
+                let s = Object::take(session);
                 self.session_died(
                     broker,
                     delivery,
                     &task,
                     s,
-                    attempt,
                     max_attempts,
                     history,
-                    "deadline",
-                    message,
-                    Some(step),
+                    death,
                     elapsed,
                 )
                 .await;
@@ -473,41 +466,29 @@ impl Ctx {
         delivery: &Delivery,
         task: &Task,
         session: browser::Session,
-        attempt: u32,
         max_attempts: u32,
         mut history: Vec<AttemptRecord>,
-        reason: &'static str,
-        message: String,
-        step: Option<usize>,
+        death: AttemptRecord,
         elapsed: Duration,
     ) {
-        warn!(session_id = %session.id, reason, step = ?step, error = %message,
-            "Session appears dead; discarding it");
-        self.pool.manager().note_death(reason);
+        warn!(session_id = %session.id, reason = %death.reason, step = ?death.step,
+            error = %death.message, "Session appears dead; discarding it");
+        self.pool.manager().note_death(&death.reason);
         drop(session);
-        history.push(AttemptRecord {
-            attempt,
-            reason: reason.into(),
-            message,
-            step,
-            worker: self.name.clone(),
-        });
+        let attempt = death.attempt;
+        history.push(death);
         if attempt >= max_attempts {
             self.give_up(broker, delivery, task, attempt, history, elapsed)
                 .await;
             return;
         }
-        let mut props = delivery.properties.clone();
+        let props = with_attempt(&delivery.properties, attempt + 1);
         let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert(
-            broker::ATTEMPT_HEADER.into(),
-            AMQPValue::LongLongInt((attempt + 1).into()),
-        );
         headers.insert(
             broker::HISTORY_HEADER.into(),
             broker::string(&serde_json::to_string(&history).unwrap_or_default()),
         );
-        props = props.with_headers(headers);
+        let props = props.with_headers(headers);
         match broker
             .publish(&self.settings.amqp.task_queue, &delivery.data, props)
             .await

@@ -254,7 +254,7 @@ pub fn descendants(root: i32) -> Vec<(i32, Vec<String>)> {
         );
     }
     let mut out = Vec::new();
-    for (&pid, _) in &parent {
+    for &pid in parent.keys() {
         let mut p = pid;
         let mut hops = 0;
         while p > 1 && hops < 64 {
