@@ -252,7 +252,12 @@ async fn handle(ctx: Arc<Ctx>, broker: Arc<Broker>, delivery: Delivery, drain: C
                 .await
         }
         Ok(task) => {
-            let span = tracing::info_span!("task", task_id = %task.id, attempt);
+            let span = tracing::info_span!(
+                "task",
+                task_id = %task.id,
+                attempt,
+                session_id = tracing::field::Empty
+            );
             ctx.run_task(&broker, &delivery, task, attempt, &drain)
                 .instrument(span)
                 .await
@@ -312,6 +317,7 @@ impl Ctx {
         };
         session.set_busy(true);
         let session_id = session.id.clone();
+        tracing::Span::current().record("session_id", session_id.as_str());
         let started = Instant::now();
         let deadline = ms(task
             .timeout_ms

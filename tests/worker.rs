@@ -382,3 +382,131 @@ async fn the_pool_never_exceeds_max_size_under_three_times_the_load() {
     assert!(w.metric("browserfleet_pool_size").await <= 2.0);
     q.delete(&amqp).await;
 }
+
+#[tokio::test]
+async fn enqueue_publishes_tasks_and_waits_for_their_results() {
+    require_browser();
+    let pages = Pages::start().await;
+    let q = Queues::new("enqueue");
+    let amqp = Amqp::connect().await;
+    let _w = Worker::start(&q, &[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tasks.jsonl");
+    let lines = [
+        json!({"id": "e-ok", "steps": [{"action": "goto", "url": pages.url("/")},
+                                       {"action": "text", "selector": "h1", "as": "h"}]}),
+        json!({"id": "e-missing", "steps": [{"action": "goto", "url": pages.url("/")},
+                                            {"action": "text", "selector": "#nope", "as": "h"}]}),
+    ];
+    std::fs::write(
+        &file,
+        lines
+            .iter()
+            .map(|l| l.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_browserfleet");
+    let out = tokio::process::Command::new(bin)
+        .args(["enqueue", "--wait", "--timeout", "90"])
+        .arg(&file)
+        .envs(q.env())
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "exit 1: a task failed");
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let mut results: Vec<browserfleet::task::TaskResult> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is a result"))
+        .collect();
+    results.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(results.len(), 2, "{stdout}");
+    assert_eq!(
+        (results[0].id.as_str(), results[0].status),
+        ("e-missing", Status::Failed)
+    );
+    assert_eq!(
+        (results[1].id.as_str(), results[1].status),
+        ("e-ok", Status::Ok)
+    );
+    assert_eq!(results[1].outputs["h"], "Example Domain");
+    assert_eq!(
+        amqp.depth(&q.results).await,
+        0,
+        "answers went to the private reply queue"
+    );
+
+    // A bad task anywhere refuses the whole batch, naming its line: nothing is sent.
+    std::fs::write(
+        &file,
+        format!(
+            "{}\n{{\"id\": \"x\", \"steps\": [{{\"action\": \"goto\"}}]}}\n",
+            lines[0]
+        ),
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(bin)
+        .arg("enqueue")
+        .arg(&file)
+        .envs(q.env())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        stderr.contains("line 2") && stderr.contains("missing field `url`"),
+        "{stderr}"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(amqp.depth(&q.tasks).await, 0, "nothing published");
+    q.delete(&amqp).await;
+}
+
+#[tokio::test]
+async fn check_config_shows_file_under_env_precedence_and_bad_values_name_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("worker.toml");
+    std::fs::write(
+        &file,
+        "[pool]\nmax_size = 3\n[amqp]\ntask_queue = \"from-file\"\nurl = \"amqp://bob:s3cret@mq:5672/%2f\"\n",
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_browserfleet");
+    let out = std::process::Command::new(bin)
+        .args(["check-config", "--config"])
+        .arg(&file)
+        .env("BROWSERFLEET__POOL__MAX_SIZE", "5")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(cfg["pool"]["max_size"], 5, "env beats file");
+    assert_eq!(
+        cfg["amqp"]["task_queue"], "from-file",
+        "file beats defaults"
+    );
+    assert_eq!(
+        cfg["amqp"]["result_queue"], "browserfleet.results",
+        "defaults fill the rest"
+    );
+    assert_eq!(
+        cfg["amqp"]["url"], "amqp://bob:***@mq:5672/%2f",
+        "password redacted"
+    );
+
+    let out = std::process::Command::new(bin)
+        .arg("check-config")
+        .env("BROWSERFLEET__POOL__MAX_SIZE", "many")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("pool.max_size"), "{stderr}");
+}
