@@ -1,8 +1,8 @@
 //! The browserfleet benchmark harness (see BENCHMARKS.md for numbers).
 //!
 //! ```sh
-//! cargo build --release && cargo run --release --example bench            # full run, ~10 min
-//! cargo build && cargo run --example bench -- --quick                      # CI smoke, ~1 min
+//! cargo build --release && cargo run --release --example bench            # full run, ~15 min
+//! cargo build && cargo run --example bench -- --quick                      # CI smoke, ~20 s
 //! ```
 //!
 //! It measures, side by side in one run, against the real RabbitMQ on
@@ -10,7 +10,8 @@
 //! to this example's `examples/` directory, i.e. `target/<profile>/browserfleet`):
 //!
 //! 1. throughput of the fleet (worker + RabbitMQ + Chromium) against a raw
-//!    fantoccini loop with as many sessions, alternating A B A B, as fleet/raw;
+//!    fantoccini loop with as many sessions, rounds alternating (fleet, raw,
+//!    raw + the health check's current_url), reported as fleet/raw;
 //! 2. the worker process's own CPU time per task (utime+stime from
 //!    /proc/PID/stat, children excluded) and its peak RSS (VmHWM);
 //! 3. recovery: browsers SIGKILLed at random under load, kill → result of the
@@ -61,7 +62,9 @@ const PAGE: &str = r#"<!doctype html>
 </body></html>"#;
 
 #[derive(Parser, Debug, Clone)]
-#[command(about = "browserfleet benchmark harness: throughput, overhead, recovery, dispatch ceiling, scaling")]
+#[command(
+    about = "browserfleet benchmark harness: throughput, overhead, recovery, dispatch ceiling, scaling"
+)]
 struct Args {
     /// Tiny counts, pool 1, seconds not minutes: a smoke run for CI.
     #[arg(long)]
@@ -69,8 +72,9 @@ struct Args {
     /// Tasks per measured round (sections 1, 2, 5).
     #[arg(long, default_value_t = 200)]
     tasks: usize,
-    /// A B pairs (fleet round, raw round) per pool size.
-    #[arg(long, default_value_t = 2)]
+    /// Rounds of each variant (fleet, raw, raw + current_url) per pool size,
+    /// alternating.
+    #[arg(long, default_value_t = 3)]
     pairs: usize,
     /// Pool sizes for sections 1, 2 and 5 (comma-separated).
     #[arg(long, default_value = "1,2,4", value_delimiter = ',')]
@@ -78,9 +82,13 @@ struct Args {
     /// Browser kills in section 3.
     #[arg(long, default_value_t = 20)]
     kills: usize,
-    /// Pool size of the worker in section 3.
-    #[arg(long, default_value_t = 2)]
-    recovery_pool: usize,
+    /// Pool sizes of the workers in section 3 (comma-separated): 1 is the
+    /// worst case (no other session to run the retried task).
+    #[arg(long, default_value = "1,2", value_delimiter = ',')]
+    recovery_pools: Vec<usize>,
+    /// Runs of each dispatch configuration; the median is reported.
+    #[arg(long, default_value_t = 3)]
+    dispatch_reps: usize,
     /// Tasks per dispatch-ceiling run (section 4).
     #[arg(long, default_value_t = 20_000)]
     dispatch_tasks: usize,
@@ -88,11 +96,16 @@ struct Args {
     /// (the default queue type).
     #[arg(long, default_value = "8,16,32", value_delimiter = ',')]
     dispatch_pools: Vec<usize>,
-    /// Extra dispatch runs on classic queues, to show the broker's share.
+    /// Extra dispatch runs on classic queues, to show the broker's share
+    /// (0: none).
     #[arg(long, default_value = "32", value_delimiter = ',')]
     dispatch_classic_pools: Vec<usize>,
     /// Sections to run: any of throughput (1, 2, 5), recovery (3), dispatch (4).
-    #[arg(long, default_value = "throughput,recovery,dispatch", value_delimiter = ',')]
+    #[arg(
+        long,
+        default_value = "throughput,recovery,dispatch",
+        value_delimiter = ','
+    )]
     only: Vec<String>,
     /// The worker binary; default: `browserfleet` in the same target profile
     /// directory as this example.
@@ -105,6 +118,24 @@ struct Args {
     /// Keep the worker logs in this directory (default: a temp dir, removed).
     #[arg(long)]
     keep_logs: Option<PathBuf>,
+    /// Steps of a dispatch task: `title` (goto + text, as in sections 1-3)
+    /// or `none` (an empty task: broker, JSON and checkout cost only).
+    #[arg(long, default_value = "title")]
+    dispatch_steps: String,
+    /// Skip the third variant of section 1 (raw loop plus a `current_url`
+    /// round-trip before each task, as the worker's health check does).
+    #[arg(long)]
+    no_raw_check: bool,
+    /// Extra environment for every worker, KEY=VALUE (repeatable), e.g.
+    /// BROWSERFLEET__LOG__LEVEL=warn to price the per-task log lines.
+    #[arg(long = "worker-env", value_parser = parse_kv)]
+    worker_env: Vec<(String, String)>,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("`{s}`: expected KEY=VALUE"))
 }
 
 impl Args {
@@ -114,10 +145,12 @@ impl Args {
             self.pairs = 1;
             self.pools = vec![1];
             self.kills = self.kills.min(1);
-            self.recovery_pool = 1;
+            self.recovery_pools = vec![1];
+            self.dispatch_reps = 1;
             self.dispatch_tasks = self.dispatch_tasks.min(500);
             self.dispatch_pools = vec![4];
             self.dispatch_classic_pools = vec![];
+            self.no_raw_check = true;
         }
     }
     fn runs(&self, section: &str) -> bool {
@@ -140,7 +173,12 @@ fn clk_tck() -> f64 {
 
 /// utime + stime of a process (all its threads, children excluded), in ticks.
 fn cpu_ticks(pid: i32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    cpu_ticks_at(&format!("/proc/{pid}/stat"))
+}
+
+/// utime + stime from a /proc stat file (a process's or a thread's).
+fn cpu_ticks_at(path: &str) -> Option<u64> {
+    let stat = std::fs::read_to_string(path).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // `rest` starts at field 3 (state): field n is f[n - 3].
@@ -156,6 +194,23 @@ fn status_kb(pid: i32, field: &str) -> Option<u64> {
         .next()?
         .parse()
         .ok()
+}
+
+/// Context switches (voluntary + involuntary) of all live threads of `pid`.
+fn context_switches(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|s| {
+            s.lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
 }
 
 /// Whole-machine CPU (busy, total) jiffies from /proc/stat.
@@ -371,9 +426,18 @@ impl Queues {
         vec![
             ("BROWSERFLEET__AMQP__URL".into(), AMQP_URL.into()),
             ("BROWSERFLEET__AMQP__TASK_QUEUE".into(), self.tasks.clone()),
-            ("BROWSERFLEET__AMQP__RESULT_QUEUE".into(), self.results.clone()),
-            ("BROWSERFLEET__AMQP__DEAD_LETTER_QUEUE".into(), self.dead.clone()),
-            ("BROWSERFLEET__AMQP__QUEUE_TYPE".into(), self.queue_type.into()),
+            (
+                "BROWSERFLEET__AMQP__RESULT_QUEUE".into(),
+                self.results.clone(),
+            ),
+            (
+                "BROWSERFLEET__AMQP__DEAD_LETTER_QUEUE".into(),
+                self.dead.clone(),
+            ),
+            (
+                "BROWSERFLEET__AMQP__QUEUE_TYPE".into(),
+                self.queue_type.into(),
+            ),
         ]
     }
 
@@ -571,12 +635,8 @@ struct Worker {
 }
 
 impl Worker {
-    fn spawn(
-        bin: &Path,
-        queues: &Queues,
-        extra: &[(&str, String)],
-        logs: Option<&Path>,
-    ) -> Result<Worker> {
+    fn spawn(args: &Args, bin: &Path, queues: &Queues, extra: &[(&str, String)]) -> Result<Worker> {
+        let logs = args.keep_logs.as_deref();
         let (dir, log) = match logs {
             Some(d) => {
                 std::fs::create_dir_all(d)?;
@@ -596,6 +656,7 @@ impl Worker {
             .envs(queues.env())
             .env("BROWSERFLEET__METRICS__LISTEN", metrics.to_string())
             .envs(extra.iter().map(|(k, v)| (k.to_string(), v.clone())))
+            .envs(args.worker_env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out)
@@ -639,7 +700,10 @@ impl Worker {
                 return Ok(());
             }
             if let Ok(Some(st)) = self.child.try_wait() {
-                bail!("the worker exited ({st}) before it was ready:\n{}", self.log_tail());
+                bail!(
+                    "the worker exited ({st}) before it was ready:\n{}",
+                    self.log_tail()
+                );
             }
             if Instant::now() > deadline {
                 bail!("the worker was not ready within 60 s:\n{}", self.log_tail());
@@ -650,7 +714,11 @@ impl Worker {
 
     /// (sum, count) of a histogram on /metrics.
     async fn histogram(&self, name: &str) -> (f64, f64) {
-        let text = self.get("/metrics").await.map(|(_, t)| t).unwrap_or_default();
+        let text = self
+            .get("/metrics")
+            .await
+            .map(|(_, t)| t)
+            .unwrap_or_default();
         let value = |suffix: &str| {
             text.lines()
                 .find_map(|l| {
@@ -666,6 +734,10 @@ impl Worker {
 
     fn cpu_ticks(&self) -> u64 {
         cpu_ticks(self.pid()).unwrap_or(0)
+    }
+
+    fn switches(&self) -> u64 {
+        context_switches(self.pid())
     }
 
     fn peak_rss_mb(&self) -> f64 {
@@ -697,14 +769,55 @@ impl Drop for Worker {
 // The local page server and the raw fantoccini loop
 // ---------------------------------------------------------------------------
 
-async fn start_pages() -> Result<String> {
-    let app = Router::new().route("/page", get(|| async { Html(PAGE) }));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(format!("http://{addr}/page"))
+/// Serves the page on a thread of its own, so that its CPU time can be told
+/// apart from the raw loop's (both run in this process). Returns the page URL
+/// and the thread's id.
+fn start_pages() -> Result<(String, i32)> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::Builder::new()
+        .name("pages".into())
+        .spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("page server runtime");
+            rt.block_on(async move {
+                let tid = std::fs::read_link("/proc/thread-self")
+                    .ok()
+                    .and_then(|p| p.file_name()?.to_str()?.parse::<i32>().ok())
+                    .unwrap_or(0);
+                let listener = match tokio::net::TcpListener::bind("127.0.0.1:0").await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let addr = listener.local_addr().expect("bound address");
+                let _ = tx.send(Ok((addr, tid)));
+                let app = Router::new().route("/page", get(|| async { Html(PAGE) }));
+                let _ = axum::serve(listener, app).await;
+            });
+        })?;
+    let (addr, tid) = rx.recv()??;
+    Ok((format!("http://{addr}/page"), tid))
+}
+
+/// CPU ticks of one thread of this process.
+fn thread_ticks(tid: i32) -> u64 {
+    cpu_ticks_at(&format!("/proc/self/task/{tid}/stat")).unwrap_or(0)
+}
+
+/// CPU ticks of the threads of `pid` whose name is `comm`.
+fn threads_named(pid: i32, comm: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter(|t| std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim() == comm))
+        .filter_map(|t| cpu_ticks_at(&t.path().join("stat").to_string_lossy()))
+        .sum()
 }
 
 /// N chromedriver sessions driven directly: the limit the fleet is held to.
@@ -722,8 +835,9 @@ impl Raw {
         let settings =
             browserfleet::config::Settings::load_from(None, Vec::<(String, String)>::new())
                 .map_err(|e| anyhow!("{e}"))?;
-        let chromedriver = which(&settings.webdriver.chromedriver)
-            .ok_or_else(|| anyhow!("chromedriver is not installed (apt-get install -y chromium chromium-driver)"))?;
+        let chromedriver = which(&settings.webdriver.chromedriver).ok_or_else(|| {
+            anyhow!("chromedriver is not installed (apt-get install -y chromium chromium-driver)")
+        })?;
         let chromium = ["chromium", "chromium-browser", "google-chrome"]
             .iter()
             .find_map(|b| which(b))
@@ -738,7 +852,10 @@ impl Raw {
             .kill_on_drop(true);
         let driver = cmd.spawn().context("spawning chromedriver")?;
         let deadline = Instant::now() + Duration::from_secs(20);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
             if Instant::now() > deadline {
                 bail!("chromedriver did not listen within 20 s");
             }
@@ -778,7 +895,15 @@ impl Raw {
 
     /// `tasks` tasks over all sessions (each session pulls the next task):
     /// goto the page, read `#title`. Returns (elapsed, tasks not ok).
-    async fn run(&self, tasks: usize, url: &str, tag: &str) -> Result<(Duration, usize)> {
+    /// With `check`, each task first does a `current_url` round-trip, as the
+    /// worker's pool does on every checkout (the seed's health check).
+    async fn run(
+        &self,
+        tasks: usize,
+        url: &str,
+        tag: &str,
+        check: bool,
+    ) -> Result<(Duration, usize)> {
         let next = AtomicUsize::new(0);
         let bad = AtomicUsize::new(0);
         let t0 = Instant::now();
@@ -789,6 +914,9 @@ impl Raw {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     if i >= tasks {
                         return Ok::<(), anyhow::Error>(());
+                    }
+                    if check {
+                        c.current_url().await?;
                     }
                     c.goto(&format!("{url}?n={tag}-{i}")).await?;
                     let text = c.find(Locator::Css("#title")).await?.text().await?;
@@ -810,6 +938,16 @@ impl Raw {
         }
         let _ = self.driver.start_kill();
         let _ = self.driver.wait().await;
+        for p in &self.profiles {
+            kill_with_arg(&format!("--user-data-dir={}", p.path().display()));
+        }
+    }
+}
+
+impl Drop for Raw {
+    /// On an early exit too: no browser outlives the harness.
+    fn drop(&mut self) {
+        let _ = self.driver.start_kill();
         for p in &self.profiles {
             kill_with_arg(&format!("--user-data-dir={}", p.path().display()));
         }
@@ -866,7 +1004,7 @@ async fn start_instant_driver() -> Result<(SocketAddr, Arc<DriverCounts>)> {
                 c4.commands.fetch_add(1, Ordering::Relaxed);
                 (
                     JSON,
-                    r#"{"value":{"element-6066-11e4-a935-0c43c4d3d5c3":"e1"}}"#,
+                    r#"{"value":{"element-6066-11e4-a52e-4f735466cecf":"e1"}}"#,
                 )
             }),
         )
@@ -889,6 +1027,34 @@ async fn start_instant_driver() -> Result<(SocketAddr, Arc<DriverCounts>)> {
     Ok((addr, counts))
 }
 
+/// `perf record` attached to the worker, with --perf-dir.
+struct Perf(Option<Child>);
+
+impl Perf {
+    fn start(args: &Args, worker: &Worker, name: &str) -> Result<Perf> {
+        let Some(dir) = &args.perf_dir else {
+            return Ok(Perf(None));
+        };
+        std::fs::create_dir_all(dir)?;
+        let child = Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o"])
+            .arg(dir.join(format!("{name}.perf.data")))
+            .args(["-p", &worker.pid().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("spawning perf")?;
+        Ok(Perf(Some(child)))
+    }
+
+    fn stop(mut self) {
+        if let Some(mut p) = self.0.take() {
+            kill(p.id() as i32, nix::sys::signal::Signal::SIGINT);
+            let _ = p.wait();
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------
 // Sections
 // ---------------------------------------------------------------------------
@@ -900,8 +1066,13 @@ struct ThroughputRow {
     raw_tps: f64,
     fleet_rounds: Vec<f64>,
     raw_rounds: Vec<f64>,
+    check_tps: f64,
+    check_rounds: Vec<f64>,
     worker_cpu_ms_per_task: f64,
     worker_peak_rss_mb: f64,
+    switches_per_task: f64,
+    worker_lapin_ms_per_task: f64,
+    raw_cpu_ms_per_task: f64,
     fleet_cores: f64,
     raw_cores: f64,
     raw_create_s: f64,
@@ -909,8 +1080,18 @@ struct ThroughputRow {
     not_ok: usize,
 }
 
-async fn throughput(args: &Args, bin: &Path, amqp: &Amqp, url: &str, tck: f64) -> Result<Vec<ThroughputRow>> {
-    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+async fn throughput(
+    args: &Args,
+    bin: &Path,
+    amqp: &Amqp,
+    url: &str,
+    pages_tid: i32,
+    tck: f64,
+) -> Result<Vec<ThroughputRow>> {
+    let me = std::process::id() as i32;
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
     let mut rows = vec![];
     for &n in &args.pools {
         println!("  pool {n}: starting a worker and {n} raw session(s)");
@@ -918,10 +1099,10 @@ async fn throughput(args: &Args, bin: &Path, amqp: &Amqp, url: &str, tck: f64) -
         q.declare().await?;
         let mut rx = amqp.results(&q.results).await?;
         let mut worker = Worker::spawn(
+            args,
             bin,
             &q,
             &[("BROWSERFLEET__POOL__MAX_SIZE", n.to_string())],
-            args.keep_logs.as_deref(),
         )?;
         worker.wait_ready().await?;
         let raw = Raw::start(n).await?;
@@ -934,51 +1115,88 @@ async fn throughput(args: &Args, bin: &Path, amqp: &Amqp, url: &str, tck: f64) -
 
         // Warm-up: every session opened and past its first pages.
         let warm = 2 * n;
-        let bodies = (0..warm).map(|i| task_body(&format!("warm-{i}"), &format!("{url}?n=warm-{i}"))).collect();
+        let bodies = (0..warm)
+            .map(|i| task_body(&format!("warm-{i}"), &format!("{url}?n=warm-{i}")))
+            .collect();
         amqp.publish_all(&q.tasks, bodies, 500).await?;
         collect(&mut rx, "warm-", warm, limit).await?;
-        raw.run(warm, url, "warm").await?;
+        raw.run(warm, url, "warm", false).await?;
 
-        let (mut ft, mut rt, mut fticks, mut fcores, mut rcores) = (0.0, 0.0, 0u64, 0.0, 0.0);
+        let (mut ft, mut rt, mut ct, mut fticks, mut fcores, mut rcores) =
+            (0.0, 0.0, 0.0, 0u64, 0.0, 0.0);
+        let (mut lticks, mut rticks) = (0u64, 0u64);
+        let perf = Perf::start(args, &worker, &format!("throughput-{n}"))?;
         for pair in 0..args.pairs {
             // A: the fleet.
             let tag = format!("p{n}-r{pair}-");
             let bodies = (0..args.tasks)
                 .map(|i| task_body(&format!("{tag}{i}"), &format!("{url}?n={tag}{i}")))
                 .collect();
-            let (c0, m0) = (worker.cpu_ticks(), machine_cpu());
+            let (c0, m0, x0) = (worker.cpu_ticks(), machine_cpu(), worker.switches());
+            let l0 = threads_named(worker.pid(), "lapin-io-loop");
             let t0 = Instant::now();
             amqp.publish_all(&q.tasks, bodies, 500).await?;
             let got = collect(&mut rx, &tag, args.tasks, limit).await?;
             let last = got.iter().map(|g| g.at).max().unwrap_or(t0);
             let el = (last - t0).as_secs_f64();
             let (c1, m1) = (worker.cpu_ticks(), machine_cpu());
+            row.switches_per_task +=
+                (worker.switches() - x0) as f64 / args.tasks as f64 / args.pairs as f64;
             row.not_ok += got.iter().filter(|g| g.status != "ok").count();
             fticks += c1 - c0;
+            lticks += threads_named(worker.pid(), "lapin-io-loop") - l0;
             fcores += cores_used(m0, m1, ncpu);
             ft += el;
             row.fleet_rounds.push(args.tasks as f64 / el);
             // B: the raw loop.
-            let m0 = machine_cpu();
-            let (el, bad) = raw.run(args.tasks, url, &format!("raw{pair}")).await?;
+            let (m0, b0, p0) = (
+                machine_cpu(),
+                cpu_ticks(me).unwrap_or(0),
+                thread_ticks(pages_tid),
+            );
+            let (el, bad) = raw
+                .run(args.tasks, url, &format!("raw{pair}"), false)
+                .await?;
             rcores += cores_used(m0, machine_cpu(), ncpu);
+            // This process minus its page server: the fantoccini loop alone.
+            rticks +=
+                (cpu_ticks(me).unwrap_or(0) - b0).saturating_sub(thread_ticks(pages_tid) - p0);
             row.not_ok += bad;
             rt += el.as_secs_f64();
             row.raw_rounds.push(args.tasks as f64 / el.as_secs_f64());
+            // C: the raw loop with the worker's per-checkout health check.
+            if !args.no_raw_check {
+                let (el, bad) = raw
+                    .run(args.tasks, url, &format!("chk{pair}"), true)
+                    .await?;
+                row.not_ok += bad;
+                ct += el.as_secs_f64();
+                row.check_rounds.push(args.tasks as f64 / el.as_secs_f64());
+            }
             println!(
-                "    pair {pair}: fleet {:.2} tasks/s, raw {:.2} tasks/s",
+                "    round {pair}: fleet {:.2} tasks/s, raw {:.2} tasks/s{}",
                 row.fleet_rounds.last().unwrap(),
-                row.raw_rounds.last().unwrap()
+                row.raw_rounds.last().unwrap(),
+                row.check_rounds
+                    .last()
+                    .map(|c| format!(", raw + current_url {c:.2} tasks/s"))
+                    .unwrap_or_default()
             );
         }
+        perf.stop();
         let total = (args.tasks * args.pairs) as f64;
         row.fleet_tps = total / ft;
         row.raw_tps = total / rt;
+        row.check_tps = if ct > 0.0 { total / ct } else { f64::NAN };
         row.worker_cpu_ms_per_task = fticks as f64 / tck * 1000.0 / total;
+        row.worker_lapin_ms_per_task = lticks as f64 / tck * 1000.0 / total;
+        row.raw_cpu_ms_per_task = rticks as f64 / tck * 1000.0 / total;
         row.fleet_cores = fcores / args.pairs as f64;
         row.raw_cores = rcores / args.pairs as f64;
         row.worker_peak_rss_mb = worker.peak_rss_mb();
-        let (s, c) = worker.histogram("browserfleet_session_create_duration_seconds").await;
+        let (s, c) = worker
+            .histogram("browserfleet_session_create_duration_seconds")
+            .await;
         row.fleet_create_s = if c > 0.0 { s / c } else { f64::NAN };
         worker.stop().await;
         raw.stop().await;
@@ -1005,25 +1223,82 @@ struct RecoveryReport {
     max_attempts_seen: u32,
     dead_lettered: u32,
     tps: f64,
+    /// From the worker log: kill → "Session appears dead", kill → the
+    /// replacement session opened.
+    detect: Vec<f64>,
+    replaced: Vec<f64>,
 }
 
-async fn recovery(args: &Args, bin: &Path, amqp: &Amqp, url: &str) -> Result<RecoveryReport> {
-    let n = args.recovery_pool;
+/// Seconds since the Unix epoch, now.
+fn wall_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Parses the RFC 3339 UTC timestamp that starts a worker log line
+/// (`2026-12-03T13:33:10.320949Z ...`) into Unix seconds.
+fn log_time(line: &str) -> Option<f64> {
+    let ts = line.split_whitespace().next()?.strip_suffix('Z')?;
+    let (date, time) = ts.split_once('T')?;
+    let mut d = date.split('-').map(|x| x.parse::<i64>());
+    let (y, m, day) = (d.next()?.ok()?, d.next()?.ok()?, d.next()?.ok()?);
+    let mut t = time.split(':');
+    let (hh, mm) = (
+        t.next()?.parse::<f64>().ok()?,
+        t.next()?.parse::<f64>().ok()?,
+    );
+    let ss: f64 = t.next()?.parse().ok()?;
+    // Days from civil (Howard Hinnant's algorithm).
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some(days as f64 * 86_400.0 + hh * 3600.0 + mm * 60.0 + ss)
+}
+
+/// For each kill, the delay to the first log line containing `needle` after it.
+fn delays_after(log: &str, kills: &[f64], needle: &str) -> Vec<f64> {
+    let times: Vec<f64> = log
+        .lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(log_time)
+        .collect();
+    kills
+        .iter()
+        .filter_map(|&k| times.iter().find(|&&t| t >= k - 0.001).map(|t| t - k))
+        .collect()
+}
+
+async fn recovery(
+    args: &Args,
+    bin: &Path,
+    amqp: &Amqp,
+    url: &str,
+    n: usize,
+) -> Result<RecoveryReport> {
     let q = Queues::new("recovery", "quorum");
     q.declare().await?;
     let mut rx = amqp.results(&q.results).await?;
     let mut worker = Worker::spawn(
+        args,
         bin,
         &q,
         &[("BROWSERFLEET__POOL__MAX_SIZE", n.to_string())],
-        args.keep_logs.as_deref(),
     )?;
     worker.wait_ready().await?;
     let warm = 2 * n;
-    let bodies = (0..warm).map(|i| task_body(&format!("warm-{i}"), &format!("{url}?n=warm-{i}"))).collect();
+    let bodies = (0..warm)
+        .map(|i| task_body(&format!("warm-{i}"), &format!("{url}?n=warm-{i}")))
+        .collect();
     amqp.publish_all(&q.tasks, bodies, 500).await?;
     collect(&mut rx, "warm-", warm, Duration::from_secs(120)).await?;
-    let (s0, c0) = worker.histogram("browserfleet_session_create_duration_seconds").await;
+    let (s0, c0) = worker
+        .histogram("browserfleet_session_create_duration_seconds")
+        .await;
 
     let mut rng = Rng::new();
     let mut rep = RecoveryReport {
@@ -1034,14 +1309,20 @@ async fn recovery(args: &Args, bin: &Path, amqp: &Amqp, url: &str) -> Result<Rec
     let mut published = 0usize;
     let mut seen: HashSet<String> = HashSet::new();
     let mut pending: Option<Instant> = None;
-    let mut next_kill = Instant::now() + rng.between(Duration::from_millis(500), Duration::from_millis(1500));
+    let mut kill_walls: Vec<f64> = vec![];
+    let mut next_log_check = Instant::now();
+    let mut next_kill =
+        Instant::now() + rng.between(Duration::from_millis(500), Duration::from_millis(1500));
     let give_up_after = Duration::from_secs(30);
     let started = Instant::now();
     let hard_limit = Duration::from_secs(120 + 60 * args.kills as u64);
     let mut tick = tokio::time::interval(Duration::from_millis(20));
     while rep.kills < args.kills || pending.is_some() {
         if started.elapsed() > hard_limit {
-            bail!("recovery phase exceeded {hard_limit:?}; worker log:\n{}", worker.log_tail());
+            bail!(
+                "recovery phase exceeded {hard_limit:?}; worker log:\n{}",
+                worker.log_tail()
+            );
         }
         while published - seen.len() < outstanding_target {
             let id = format!("rec-{published}");
@@ -1069,12 +1350,23 @@ async fn recovery(args: &Args, bin: &Path, amqp: &Amqp, url: &str) -> Result<Rec
         }
         let now = Instant::now();
         if let Some(k) = pending {
-            if now - k > give_up_after {
-                // The kill found the browser between tasks: no task was
-                // affected (the health check replaced it).
+            // A kill that hit the browser between tasks is caught by the
+            // checkout health check: no task ran on it, none is affected.
+            let caught = now - k > Duration::from_millis(300) && now >= next_log_check && {
+                next_log_check = now + Duration::from_millis(250);
+                let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+                let kill_wall = kill_walls.last().copied().unwrap_or(0.0);
+                log.lines().any(|l| {
+                    l.contains("appears dead")
+                        && l.contains("health_check")
+                        && log_time(l).is_some_and(|t| t >= kill_wall - 0.001)
+                })
+            };
+            if caught || now - k > give_up_after {
                 rep.idle_kills += 1;
                 pending = None;
-                next_kill = now;
+                next_kill =
+                    now + rng.between(Duration::from_millis(500), Duration::from_millis(1500));
             }
         }
         if pending.is_none() && rep.kills < args.kills && now >= next_kill {
@@ -1082,6 +1374,7 @@ async fn recovery(args: &Args, bin: &Path, amqp: &Amqp, url: &str) -> Result<Rec
             if mains.len() >= n {
                 let victim = mains[rng.below(mains.len())];
                 kill(victim, nix::sys::signal::Signal::SIGKILL);
+                kill_walls.push(wall_now());
                 pending = Some(Instant::now());
                 rep.kills += 1;
             } else {
@@ -1119,9 +1412,18 @@ async fn recovery(args: &Args, bin: &Path, amqp: &Amqp, url: &str) -> Result<Rec
     rep.lost = published - seen.len().min(published);
     rep.tps = seen.len() as f64 / phase;
     rep.dead_lettered = amqp.depth(&q.dead).await;
-    let (s1, c1) = worker.histogram("browserfleet_session_create_duration_seconds").await;
+    let (s1, c1) = worker
+        .histogram("browserfleet_session_create_duration_seconds")
+        .await;
     rep.create_mean_s = if c1 > 0.0 { s1 / c1 } else { f64::NAN };
-    rep.replace_create_mean_s = if c1 > c0 { (s1 - s0) / (c1 - c0) } else { f64::NAN };
+    rep.replace_create_mean_s = if c1 > c0 {
+        (s1 - s0) / (c1 - c0)
+    } else {
+        f64::NAN
+    };
+    let log = std::fs::read_to_string(&worker.log).unwrap_or_default();
+    rep.detect = delays_after(&log, &kill_walls, "appears dead");
+    rep.replaced = delays_after(&log, &kill_walls, "replacing a dead one");
     worker.stop().await;
     q.delete(amqp).await;
     Ok(rep)
@@ -1140,10 +1442,17 @@ struct DispatchRow {
     machine_cores: f64,
     commands_per_task: f64,
     peak_rss_mb: f64,
+    switches_per_task: f64,
+    lapin_us_per_task: f64,
+    tps_min: f64,
+    tps_max: f64,
+    reps: usize,
 }
 
 async fn dispatch(args: &Args, bin: &Path, amqp: &Amqp, tck: f64) -> Result<Vec<DispatchRow>> {
-    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+    let ncpu = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1) as f64;
     let (addr, counts) = start_instant_driver().await?;
     let rabbit = rabbit_pid();
     let me = std::process::id() as i32;
@@ -1152,92 +1461,138 @@ async fn dispatch(args: &Args, bin: &Path, amqp: &Amqp, tck: f64) -> Result<Vec<
         .iter()
         .map(|&p| (p, "quorum"))
         .chain(args.dispatch_classic_pools.iter().map(|&p| (p, "classic")))
+        .filter(|&(p, _)| p > 0)
         .collect();
+    if !["title", "none"].contains(&args.dispatch_steps.as_str()) {
+        bail!("--dispatch-steps: expected `title` or `none`");
+    }
     let mut rows = vec![];
     for (pool, qt) in configs {
-        let d = args.dispatch_tasks;
-        let q = Queues::new("dispatch", qt);
-        q.declare().await?;
-        let bodies: Vec<Vec<u8>> = (0..d)
-            .map(|i| task_body(&format!("d-{i}"), "http://127.0.0.1:1/page"))
-            .collect();
-        let t = Instant::now();
-        amqp.publish_all(&q.tasks, bodies, 1000).await?;
-        let publish_tps = d as f64 / t.elapsed().as_secs_f64();
-        let mut rx = amqp.results(&q.results).await?;
-        let cmd0 = counts.commands.load(Ordering::Relaxed);
-        let (b0, me0, m0) = (
-            rabbit.and_then(cpu_ticks).unwrap_or(0),
-            cpu_ticks(me).unwrap_or(0),
-            machine_cpu(),
-        );
-        let mut worker = Worker::spawn(
-            bin,
-            &q,
-            &[
-                ("BROWSERFLEET__POOL__MAX_SIZE", pool.to_string()),
-                ("BROWSERFLEET__WEBDRIVER__URL", format!("http://{addr}")),
-            ],
-            args.keep_logs.as_deref(),
-        )?;
-        let perf = match &args.perf_dir {
-            Some(dir) => {
-                std::fs::create_dir_all(dir)?;
-                let out = dir.join(format!("dispatch-{qt}-{pool}.perf.data"));
-                Some(
-                    Command::new("perf")
-                        .args(["record", "-e", "cpu-clock", "-F", "999", "-g", "-o"])
-                        .arg(&out)
-                        .args(["-p", &worker.pid().to_string()])
-                        .stdout(Stdio::null())
-                        .stderr(Stdio::null())
-                        .spawn()
-                        .context("spawning perf")?,
-                )
+        let mut runs: Vec<DispatchRow> = vec![];
+        for _ in 0..args.dispatch_reps.max(1) {
+            let d = args.dispatch_tasks;
+            let q = Queues::new("dispatch", qt);
+            q.declare().await?;
+            let bodies: Vec<Vec<u8>> = (0..d)
+                .map(|i| match args.dispatch_steps.as_str() {
+                    "none" => serde_json::to_vec(&json!({"id": format!("d-{i}"), "steps": []}))
+                        .expect("JSON"),
+                    _ => task_body(&format!("d-{i}"), "http://127.0.0.1:1/page"),
+                })
+                .collect();
+            let t = Instant::now();
+            amqp.publish_all(&q.tasks, bodies, 1000).await?;
+            let publish_tps = d as f64 / t.elapsed().as_secs_f64();
+            let mut rx = amqp.results(&q.results).await?;
+            let cmd0 = counts.commands.load(Ordering::Relaxed);
+            let (b0, me0, m0) = (
+                rabbit.and_then(cpu_ticks).unwrap_or(0),
+                cpu_ticks(me).unwrap_or(0),
+                machine_cpu(),
+            );
+            let mut worker = Worker::spawn(
+                args,
+                bin,
+                &q,
+                &[
+                    ("BROWSERFLEET__POOL__MAX_SIZE", pool.to_string()),
+                    ("BROWSERFLEET__WEBDRIVER__URL", format!("http://{addr}")),
+                ],
+            )?;
+            let perf = Perf::start(args, &worker, &format!("dispatch-{qt}-{pool}"))?;
+            worker.wait_ready().await?;
+            let got = collect(&mut rx, "d-", d, Duration::from_secs(60 + d as u64 / 50)).await?;
+            let first = got.iter().map(|g| g.at).min().unwrap();
+            let last = got.iter().map(|g| g.at).max().unwrap();
+            let (wt, b1, me1, m1) = (
+                worker.cpu_ticks(),
+                rabbit.and_then(cpu_ticks).unwrap_or(0),
+                cpu_ticks(me).unwrap_or(0),
+                machine_cpu(),
+            );
+            perf.stop();
+            let per = |ticks: u64| ticks as f64 / tck * 1e6 / d as f64;
+            let row = DispatchRow {
+                pool,
+                queue_type: qt,
+                tasks: d,
+                publish_tps,
+                tps: (d - 1) as f64 / (last - first).as_secs_f64(),
+                worker_us_per_task: per(wt),
+                broker_us_per_task: per(b1 - b0),
+                bench_us_per_task: per(me1 - me0),
+                machine_cores: cores_used(m0, m1, ncpu),
+                commands_per_task: (counts.commands.load(Ordering::Relaxed) - cmd0) as f64
+                    / d as f64,
+                peak_rss_mb: worker.peak_rss_mb(),
+                switches_per_task: worker.switches() as f64 / d as f64,
+                lapin_us_per_task: per(threads_named(worker.pid(), "lapin-io-loop")),
+                ..Default::default()
+            };
+            let not_ok = got.iter().filter(|g| g.status != "ok").count();
+            if not_ok > 0 {
+                eprintln!("  warning: {not_ok} dispatch results were not ok");
             }
-            None => None,
-        };
-        worker.wait_ready().await?;
-        let got = collect(&mut rx, "d-", d, Duration::from_secs(60 + d as u64 / 50)).await?;
-        let first = got.iter().map(|g| g.at).min().unwrap();
-        let last = got.iter().map(|g| g.at).max().unwrap();
-        let (wt, b1, me1, m1) = (
-            worker.cpu_ticks(),
-            rabbit.and_then(cpu_ticks).unwrap_or(0),
-            cpu_ticks(me).unwrap_or(0),
-            machine_cpu(),
-        );
-        if let Some(mut p) = perf {
-            kill(p.id() as i32, nix::sys::signal::Signal::SIGINT);
-            let _ = p.wait();
+            println!(
+                "  pool {pool} ({qt}): {:.0} tasks/s; worker {:.0} µs/task, broker {:.0} µs/task",
+                row.tps, row.worker_us_per_task, row.broker_us_per_task
+            );
+            worker.stop().await;
+            q.delete(amqp).await;
+            runs.push(row);
         }
-        let per = |ticks: u64| ticks as f64 / tck * 1e6 / d as f64;
-        let row = DispatchRow {
-            pool,
-            queue_type: qt,
-            tasks: d,
-            publish_tps,
-            tps: (d - 1) as f64 / (last - first).as_secs_f64(),
-            worker_us_per_task: per(wt),
-            broker_us_per_task: per(b1 - b0),
-            bench_us_per_task: per(me1 - me0),
-            machine_cores: cores_used(m0, m1, ncpu),
-            commands_per_task: (counts.commands.load(Ordering::Relaxed) - cmd0) as f64 / d as f64,
-            peak_rss_mb: worker.peak_rss_mb(),
-        };
-        let not_ok = got.iter().filter(|g| g.status != "ok").count();
-        if not_ok > 0 {
-            eprintln!("  warning: {not_ok} dispatch results were not ok");
-        }
-        println!(
-            "  pool {pool} ({qt}): {:.0} tasks/s; worker {:.0} µs/task, broker {:.0} µs/task",
-            row.tps, row.worker_us_per_task, row.broker_us_per_task
-        );
-        worker.stop().await;
-        q.delete(amqp).await;
+        runs.sort_by(|a, b| a.tps.total_cmp(&b.tps));
+        let mut row = runs[runs.len() / 2].clone();
+        row.tps_min = runs[0].tps;
+        row.tps_max = runs[runs.len() - 1].tps;
+        row.reps = runs.len();
         rows.push(row);
     }
     Ok(rows)
+}
+
+/// The broker round-trips a task waits on at prefetch = pool size: a
+/// publish until its confirm, and an ack until the next delivery (prefetch
+/// 1). Returns (confirm p50, ack → next delivery p50), in ms.
+async fn broker_round_trips(amqp: &Amqp, queue_type: &'static str, n: usize) -> Result<(f64, f64)> {
+    let q = Queues::new("rtt", queue_type);
+    q.declare().await?;
+    let body = task_body("rtt", "http://127.0.0.1:1/page");
+    let mut confirm = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        amqp.publish_all(&q.tasks, vec![body.clone()], 1).await?;
+        confirm.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let ch = amqp.conn.create_channel().await?;
+    ch.basic_qos(1, BasicQosOptions::default()).await?;
+    let mut consumer = ch
+        .basic_consume(
+            q.tasks.as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut redeliver = Vec::with_capacity(n);
+    let mut acked: Option<Instant> = None;
+    for _ in 0..n {
+        let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+            .await
+            .context("no delivery within 10 s")?
+            .ok_or_else(|| anyhow!("consumer ended"))??;
+        if let Some(t) = acked {
+            redeliver.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        acked = Some(Instant::now());
+        d.ack(lapin::options::BasicAckOptions::default()).await?;
+    }
+    let _ = ch.close(200, "done".into()).await;
+    q.delete(amqp).await;
+    for v in [&mut confirm, &mut redeliver] {
+        v.sort_by(|a, b| a.total_cmp(b));
+    }
+    Ok((percentile(&confirm, 50.0), percentile(&redeliver, 50.0)))
 }
 
 // ---------------------------------------------------------------------------
@@ -1253,7 +1608,9 @@ fn verdict(ok: bool) -> &'static str {
 }
 
 fn machine_line() -> String {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem_gb = std::fs::read_to_string("/proc/meminfo")
         .ok()
         .and_then(|s| {
@@ -1279,16 +1636,14 @@ fn machine_line() -> String {
     format!(
         "{cores} cores, {mem_gb:.1} GiB RAM, kernel {kernel}; {}; {}",
         version("chromium"),
-        version("chromedriver")
-            .split(" (")
-            .next()
-            .unwrap_or("?")
+        version("chromedriver").split(" (").next().unwrap_or("?")
     )
 }
 
 struct Report {
+    rtt: Vec<(&'static str, f64, f64)>,
     tput: Option<Vec<ThroughputRow>>,
-    rec: Option<RecoveryReport>,
+    rec: Option<Vec<RecoveryReport>>,
     disp: Option<Vec<DispatchRow>>,
 }
 
@@ -1300,33 +1655,63 @@ fn print_report(args: &Args, r: &Report, load_start: &str, load_end: &str) -> Ve
     println!("machine: {}", machine_line());
     println!("load average (1/5/15 min): {load_start} at start, {load_end} at end");
     println!(
-        "mode: {}; tasks/round {}, A B pairs {}, pools {:?}",
+        "mode: {}; tasks/round {}, rounds per variant {}, pools {:?}; recovery: {} kills at each pool of {:?}; dispatch: {} tasks, steps `{}`{}",
         if args.quick { "--quick (smoke, numbers not meaningful)" } else { "full" },
         args.tasks,
         args.pairs,
-        args.pools
+        args.pools,
+        args.kills,
+        args.recovery_pools,
+        args.dispatch_tasks,
+        args.dispatch_steps,
+        if args.worker_env.is_empty() {
+            String::new()
+        } else {
+            format!("; worker env {:?}", args.worker_env)
+        }
     );
 
     if let Some(rows) = &r.tput {
         println!();
-        println!("### 1. Throughput vs the limit (fleet / raw fantoccini, same sessions, A B A B)");
+        println!("### 1. Throughput vs the limit (fleet / raw fantoccini loop, same sessions, rounds alternating A B C A B C)");
         println!();
-        println!("| sessions | fleet tasks/s | raw tasks/s | fleet/raw | per-round fleet | per-round raw | target ≥ 0.97 |");
-        println!("|---:|---:|---:|---:|---|---|---|");
+        println!("| sessions | fleet tasks/s | raw tasks/s | **fleet/raw** | target ≥ 0.97 | per-pair fleet/raw: median (min–max) | raw + current_url tasks/s | fleet / (raw + current_url) | per-round fleet | per-round raw | per-round raw + current_url |");
+        println!("|---:|---:|---:|---:|---|---|---:|---:|---|---|---|");
         for x in rows {
             let ratio = x.fleet_tps / x.raw_tps;
-            let fmt = |v: &[f64]| v.iter().map(|t| format!("{t:.2}")).collect::<Vec<_>>().join(" ");
+            let fmt = |v: &[f64]| {
+                v.iter()
+                    .map(|t| format!("{t:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let mut pairs: Vec<f64> = x
+                .fleet_rounds
+                .iter()
+                .zip(&x.raw_rounds)
+                .map(|(f, r)| f / r)
+                .collect();
+            pairs.sort_by(|a, b| a.total_cmp(b));
             println!(
-                "| {} | {:.2} | {:.2} | **{:.3}** | {} | {} | {} |",
+                "| {} | {:.2} | {:.2} | **{:.3}** | {} | {:.3} ({:.3}–{:.3}) | {:.2} | {:.3} | {} | {} | {} |",
                 x.pool,
                 x.fleet_tps,
                 x.raw_tps,
                 ratio,
+                verdict(ratio >= 0.97),
+                percentile(&pairs, 50.0),
+                pairs.first().copied().unwrap_or(f64::NAN),
+                pairs.last().copied().unwrap_or(f64::NAN),
+                x.check_tps,
+                x.fleet_tps / x.check_tps,
                 fmt(&x.fleet_rounds),
                 fmt(&x.raw_rounds),
-                verdict(ratio >= 0.97)
+                fmt(&x.check_rounds),
             );
-            targets.push((format!("1. fleet/raw ≥ 0.97 with {} session(s): {ratio:.3}", x.pool), ratio >= 0.97));
+            targets.push((
+                format!("1. fleet/raw ≥ 0.97 with {} session(s): {ratio:.3}", x.pool),
+                ratio >= 0.97,
+            ));
         }
         let not_ok: usize = rows.iter().map(|x| x.not_ok).sum();
         if not_ok > 0 {
@@ -1336,43 +1721,58 @@ fn print_report(args: &Args, r: &Report, load_start: &str, load_end: &str) -> Ve
         println!();
         println!("### 2. Worker overhead (the worker process alone: /proc utime+stime, children excluded; VmHWM)");
         println!();
-        println!("| sessions | worker CPU ms/task | worker peak RSS MB | target ≤ 1 ms, ≤ 40 MB at 4 sessions |");
-        println!("|---:|---:|---:|---|");
+        println!("| sessions | worker CPU ms/task | of which lapin-io-loop thread | worker peak RSS MB | worker context switches/task | raw fantoccini loop CPU ms/task (reference) | target ≤ 1 ms, ≤ 40 MB at 4 sessions |");
+        println!("|---:|---:|---:|---:|---:|---:|---|");
         for x in rows {
             let rss_ok = x.pool != 4 || x.worker_peak_rss_mb <= 40.0;
             let ok = x.worker_cpu_ms_per_task <= 1.0 && rss_ok;
             println!(
-                "| {} | {:.3} | {:.1} | {} |",
+                "| {} | {:.3} | {:.3} | {:.1} | {:.1} | {:.3} | {} |",
                 x.pool,
                 x.worker_cpu_ms_per_task,
+                x.worker_lapin_ms_per_task,
                 x.worker_peak_rss_mb,
+                x.switches_per_task,
+                x.raw_cpu_ms_per_task,
                 verdict(ok)
             );
             targets.push((
-                format!("2. worker CPU ≤ 1 ms/task with {} session(s): {:.3} ms", x.pool, x.worker_cpu_ms_per_task),
+                format!(
+                    "2. worker CPU ≤ 1 ms/task with {} session(s): {:.3} ms",
+                    x.pool, x.worker_cpu_ms_per_task
+                ),
                 x.worker_cpu_ms_per_task <= 1.0,
             ));
             if x.pool == 4 {
                 targets.push((
-                    format!("2. worker peak RSS ≤ 40 MB with 4 sessions: {:.1} MB", x.worker_peak_rss_mb),
+                    format!(
+                        "2. worker peak RSS ≤ 40 MB with 4 sessions: {:.1} MB",
+                        x.worker_peak_rss_mb
+                    ),
                     x.worker_peak_rss_mb <= 40.0,
                 ));
             }
         }
     }
 
-    if let Some(x) = &r.rec {
-        let mut l = x.latencies.clone();
-        l.sort_by(|a, b| a.total_cmp(b));
-        let (p50, p99) = (percentile(&l, 50.0), percentile(&l, 99.0));
-        let ok = p50 <= x.create_mean_s + 1.0;
+    if let Some(recs) = &r.rec {
         println!();
         println!("### 3. Recovery latency (browser main process SIGKILLed at random under load)");
         println!();
-        println!("| sessions | kills | affected tasks | kill→result p50 s | p99 s | max s | session create s (all / replacements) | target p50 ≤ create + 1 s | tasks published / answered / lost / duplicated / not ok | dead-lettered |");
-        println!("|---:|---:|---:|---:|---:|---:|---|---|---|---:|");
-        println!(
-            "| {} | {} | {} | **{:.2}** | {:.2} | {:.2} | {:.2} / {:.2} | {} | {} / {} / **{}** / {} / {} | {} |",
+        println!("| sessions | kills | affected tasks | kill→result p50 s | p99 s | max s | session create s (all / replacements) | target p50 ≤ create + 1 s | kill → found dead, median s | kill → replacement open, median s | tasks published / answered / lost / duplicated / not ok | dead-lettered | tasks/s during kills |");
+        println!("|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|---:|---:|");
+        for x in recs {
+            let mut l = x.latencies.clone();
+            l.sort_by(|a, b| a.total_cmp(b));
+            let (p50, p99) = (percentile(&l, 50.0), percentile(&l, 99.0));
+            let ok = p50 <= x.create_mean_s + 1.0;
+            let med = |v: &[f64]| {
+                let mut v = v.to_vec();
+                v.sort_by(|a, b| a.total_cmp(b));
+                percentile(&v, 50.0)
+            };
+            println!(
+            "| {} | {} | {} | **{:.2}** | {:.2} | {:.2} | {:.2} / {:.2} | {} | {:.2} | {:.2} | {} / {} / **{}** / {} / {} | {} | {:.2} |",
             x.pool,
             x.kills,
             x.affected,
@@ -1382,42 +1782,66 @@ fn print_report(args: &Args, r: &Report, load_start: &str, load_end: &str) -> Ve
             x.create_mean_s,
             x.replace_create_mean_s,
             verdict(ok),
+            med(&x.detect),
+            med(&x.replaced),
             x.published,
             x.results,
             x.lost,
             x.duplicates,
             x.not_ok,
-            x.dead_lettered
+            x.dead_lettered,
+            x.tps
         );
-        if x.idle_kills > 0 {
-            println!("\n{} kill(s) found no task on the browser (caught by the health check).", x.idle_kills);
+            targets.push((
+                format!(
+                    "3. recovery with {} session(s): p50 {p50:.2} s ≤ session create {:.2} s + 1 s",
+                    x.pool, x.create_mean_s
+                ),
+                ok,
+            ));
+            targets.push((
+                format!(
+                    "3. tasks lost under kills with {} session(s): {}",
+                    x.pool, x.lost
+                ),
+                x.lost == 0,
+            ));
         }
-        println!("\nthroughput during the kill phase: {:.2} tasks/s; highest attempts seen: {}", x.tps, x.max_attempts_seen);
-        targets.push((
-            format!("3. recovery p50 {p50:.2} s ≤ session create {:.2} s + 1 s", x.create_mean_s),
-            ok,
-        ));
-        targets.push((format!("3. tasks lost under kills: {}", x.lost), x.lost == 0));
+        for x in recs {
+            if x.idle_kills > 0 {
+                println!(
+                    "\npool {}: {} kill(s) found no task on the browser (caught by the checkout health check, or no affected result within 30 s); they have no latency sample.",
+                    x.pool, x.idle_kills
+                );
+            }
+        }
     }
 
     if let Some(rows) = &r.disp {
         println!();
-        println!("### 4. Dispatch ceiling (worker + RabbitMQ against an instant in-process WebDriver)");
+        println!(
+            "### 4. Dispatch ceiling (worker + RabbitMQ against an instant in-process WebDriver)"
+        );
         println!();
-        println!("| pool (prefetch) | queues | tasks | tasks/s | worker CPU µs/task | RabbitMQ CPU µs/task | bench CPU µs/task (driver + consumer) | machine cores busy | WebDriver cmds/task | worker peak RSS MB | bench publish rate/s | target ≥ 2000/s |");
-        println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+        println!("| pool (prefetch) | queues | tasks × runs | tasks/s (median) | min–max | worker CPU µs/task | of which lapin-io-loop | RabbitMQ CPU µs/task | bench CPU µs/task (driver + consumer) | machine cores busy | WebDriver cmds/task | worker context switches/task | worker peak RSS MB | bench publish rate/s | target ≥ 2000/s |");
+        println!("|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|");
         for x in rows {
             println!(
-                "| {} | {} | {} | **{:.0}** | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.0} | {} |",
+                "| {} | {} | {} × {} | **{:.0}** | {:.0}–{:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.1} | {:.1} | {:.1} | {:.0} | {} |",
                 x.pool,
                 x.queue_type,
                 x.tasks,
+                x.reps,
                 x.tps,
+                x.tps_min,
+                x.tps_max,
                 x.worker_us_per_task,
+                x.lapin_us_per_task,
                 x.broker_us_per_task,
                 x.bench_us_per_task,
                 x.machine_cores,
                 x.commands_per_task,
+                x.switches_per_task,
                 x.peak_rss_mb,
                 x.publish_tps,
                 verdict(x.tps >= 2000.0)
@@ -1428,16 +1852,36 @@ fn print_report(args: &Args, r: &Report, load_start: &str, load_end: &str) -> Ve
             .filter(|x| x.queue_type == "quorum")
             .map(|x| x.tps)
             .fold(0.0, f64::max);
-        targets.push((format!("4. dispatch ceiling ≥ 2000 tasks/s (default quorum queues): {best:.0}"), best >= 2000.0));
+        targets.push((
+            format!("4. dispatch ceiling ≥ 2000 tasks/s (default quorum queues): {best:.0}"),
+            best >= 2000.0,
+        ));
+        if !r.rtt.is_empty() {
+            println!();
+            println!(
+                "broker round-trips a task waits on at prefetch = pool size (sequential, p50):"
+            );
+            for (qt, c, a) in &r.rtt {
+                println!("- {qt}: publish → confirm {c:.2} ms; ack → next delivery (prefetch 1) {a:.2} ms");
+            }
+        }
     }
 
     if let Some(rows) = &r.tput {
         println!();
-        println!("### 5. Scaling with pool size (machine CPU in cores busy, of {})", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+        println!(
+            "### 5. Scaling with pool size (machine CPU in cores busy, of {})",
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(0)
+        );
         println!();
         println!("| sessions | raw tasks/s | fleet tasks/s | raw speed-up vs 1 | fleet speed-up vs 1 | cores busy (raw) | cores busy (fleet) | session create s (raw / worker) |");
         println!("|---:|---:|---:|---:|---:|---:|---:|---|");
-        let base = rows.first().map(|x| (x.raw_tps, x.fleet_tps)).unwrap_or((1.0, 1.0));
+        let base = rows
+            .first()
+            .map(|x| (x.raw_tps, x.fleet_tps))
+            .unwrap_or((1.0, 1.0));
         for x in rows {
             println!(
                 "| {} | {:.2} | {:.2} | {:.2}× | {:.2}× | {:.2} | {:.2} | {:.2} / {:.2} |",
@@ -1486,30 +1930,49 @@ async fn main() -> Result<()> {
     }
     let tck = clk_tck();
     let load_start = loadavg();
-    println!("browserfleet bench: worker {}, load {load_start}", bin.display());
+    println!(
+        "browserfleet bench: worker {}, load {load_start}",
+        bin.display()
+    );
     let amqp = Amqp::connect().await?;
-    let url = start_pages().await?;
+    let (url, pages_tid) = start_pages()?;
     let mut report = Report {
+        rtt: vec![],
         tput: None,
         rec: None,
         disp: None,
     };
     if args.runs("throughput") {
         println!("sections 1, 2, 5: throughput, overhead, scaling");
-        report.tput = Some(throughput(&args, &bin, &amqp, &url, tck).await?);
+        report.tput = Some(throughput(&args, &bin, &amqp, &url, pages_tid, tck).await?);
     }
     if args.runs("recovery") {
-        println!("section 3: recovery ({} kills, pool {})", args.kills, args.recovery_pool);
-        report.rec = Some(recovery(&args, &bin, &amqp, &url).await?);
+        println!(
+            "section 3: recovery ({} kills at each pool size of {:?})",
+            args.kills, args.recovery_pools
+        );
+        let mut recs = vec![];
+        for &n in &args.recovery_pools {
+            recs.push(recovery(&args, &bin, &amqp, &url, n).await?);
+        }
+        report.rec = Some(recs);
     }
     if args.runs("dispatch") {
-        println!("section 4: dispatch ceiling ({} tasks per run)", args.dispatch_tasks);
+        println!(
+            "section 4: dispatch ceiling ({} tasks per run)",
+            args.dispatch_tasks
+        );
         report.disp = Some(dispatch(&args, &bin, &amqp, tck).await?);
+        let n = if args.quick { 20 } else { 300 };
+        for qt in ["quorum", "classic"] {
+            let (c, a) = broker_round_trips(&amqp, qt, n).await?;
+            report.rtt.push((qt, c, a));
+        }
     }
     let load_end = loadavg();
     print_report(&args, &report, &load_start, &load_end);
     let _ = amqp.conn.close(200, "bench done".into()).await;
-    if let Some(r) = &report.rec {
+    for r in report.rec.iter().flatten() {
         if r.lost > 0 {
             bail!("{} task(s) lost under browser kills", r.lost);
         }
